@@ -1,0 +1,39 @@
+# Kiln — the two commands first: `make demo` and `make test`.
+GO       ?= go
+BIN      ?= bin/kiln
+GOBIN    ?= $(shell $(GO) env GOPATH)/bin
+BENCHTIME ?= 1x
+
+.PHONY: all build test demo proto bench deps vet clean
+
+all: build
+
+build:
+	$(GO) build -o $(BIN) ./cmd/kiln
+
+# deps installs what the tests need on a fresh Debian machine with Go.
+deps:
+	$(GO) mod download
+
+vet:
+	$(GO) vet ./...
+
+test: deps vet
+	$(GO) test -count=1 -timeout 15m ./...
+
+demo: build
+	./$(BIN) dev
+
+# proto regenerates the committed Connect/protobuf code (the build needs no buf).
+proto:
+	@command -v $(GOBIN)/buf >/dev/null || $(GO) install github.com/bufbuild/buf/cmd/buf@v1.75.0
+	@command -v $(GOBIN)/protoc-gen-go >/dev/null || $(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@v1.36.12
+	@command -v $(GOBIN)/protoc-gen-connect-go >/dev/null || $(GO) install connectrpc.com/connect/cmd/protoc-gen-connect-go@v1.21.1
+	PATH=$(GOBIN):$$PATH buf generate
+
+# bench runs the benchmarks the issues ask for; figures go in the notes.
+bench:
+	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -timeout 60m ./raftfsm ./coordinator
+
+clean:
+	rm -rf bin

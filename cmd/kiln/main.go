@@ -1,0 +1,207 @@
+// Command kiln is the Kiln build farm: coordinators, agents, and the tools around them.
+package main
+
+import (
+	"context"
+	"crypto/rand"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/kilnci/kiln/coordinator"
+)
+
+func main() {
+	if err := newRootCmd().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "kiln:", err)
+		os.Exit(1)
+	}
+}
+
+func newRootCmd() *cobra.Command {
+	root := &cobra.Command{
+		Use:           "kiln",
+		Short:         "Kiln: a distributed, Raft-replicated Nix build farm",
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		PersistentPreRunE: func(cmd *cobra.Command, _ []string) error {
+			return applyConfig(cmd, os.LookupEnv)
+		},
+	}
+	root.AddCommand(newCoordinatorCmd(), newDevCmd())
+	return root
+}
+
+// coordinatorFlags are the flags shared by `coordinator` and `dev`.
+type coordinatorFlags struct {
+	cfg            coordinator.Config
+	adminTokenFile string
+	logLevel       string
+	raftHeartbeat  time.Duration
+	raftElection   time.Duration
+}
+
+func (f *coordinatorFlags) register(cmd *cobra.Command, httpDefault, raftDefault string) {
+	fl := cmd.Flags()
+	fl.String("config", "", "TOML configuration file (also KILN_CONFIG)")
+	fl.StringVar(&f.cfg.DataDir, "data-dir", "", "directory for Raft state, snapshots and blobs")
+	fl.StringVar(&f.cfg.HTTPAddr, "http-addr", httpDefault, "HTTP listen address (API, cache, Connect, metrics)")
+	fl.StringVar(&f.cfg.RaftAddr, "raft-addr", raftDefault, "Raft listen address")
+	fl.StringVar(&f.cfg.AdvertiseHTTP, "advertise-http", "", "HTTP address peers use to reach this node (default: the bound address)")
+	fl.StringVar(&f.cfg.AdvertiseRaft, "advertise-raft", "", "Raft address peers use to reach this node (default: the bound address)")
+	fl.StringVar(&f.cfg.NodeID, "node-id", "", "Raft server ID (default: kept in the data dir, random on first start)")
+	fl.StringVar(&f.adminTokenFile, "admin-token-file", "", "file holding the bootstrap admin token")
+	fl.Int64Var(&f.cfg.MaxBodyBytes, "max-body-bytes", 8<<20, "largest request body accepted")
+	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fl.DurationVar(&f.raftHeartbeat, "raft-heartbeat-timeout", 0, "Raft heartbeat timeout (0: raft's default)")
+	fl.DurationVar(&f.raftElection, "raft-election-timeout", 0, "Raft election timeout (0: raft's default)")
+}
+
+func (f *coordinatorFlags) logger() (*slog.Logger, error) {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(f.logLevel)); err != nil {
+		return nil, fmt.Errorf("--log-level %q: %w", f.logLevel, err)
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl})), nil
+}
+
+func (f *coordinatorFlags) finish() error {
+	log, err := f.logger()
+	if err != nil {
+		return err
+	}
+	f.cfg.Logger = log
+	f.cfg.HeartbeatTimeout = f.raftHeartbeat
+	f.cfg.ElectionTimeout = f.raftElection
+	if f.raftHeartbeat > 0 && f.raftHeartbeat < 1000*time.Millisecond {
+		f.cfg.LeaderLeaseTimeout = f.raftHeartbeat / 2
+	}
+	return nil
+}
+
+func readToken(path string) (string, error) {
+	b, err := os.ReadFile(path)
+	if err != nil {
+		return "", fmt.Errorf("admin token: %w", err)
+	}
+	tok := strings.TrimSpace(string(b))
+	if len(tok) < 16 {
+		return "", fmt.Errorf("admin token in %s is shorter than 16 characters", path)
+	}
+	return tok, nil
+}
+
+func newCoordinatorCmd() *cobra.Command {
+	var f coordinatorFlags
+	cmd := &cobra.Command{
+		Use:   "coordinator",
+		Short: "Run one member of the coordinator cluster",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := f.finish(); err != nil {
+				return err
+			}
+			if f.cfg.DataDir == "" {
+				return errors.New("--data-dir is required")
+			}
+			if f.adminTokenFile == "" {
+				return errors.New("--admin-token-file is required")
+			}
+			tok, err := readToken(f.adminTokenFile)
+			if err != nil {
+				return err
+			}
+			f.cfg.AdminToken = tok
+			return runCoordinator(cmd.Context(), f.cfg, nil)
+		},
+	}
+	f.register(cmd, ":8080", "127.0.0.1:8300")
+	cmd.Flags().BoolVar(&f.cfg.Bootstrap, "bootstrap", false, "start a new cluster with this node as its first voter")
+	cmd.Flags().StringSliceVar(&f.cfg.Join, "join", nil, "HTTP URL(s) of existing members to join")
+	return cmd
+}
+
+// runCoordinator runs until SIGINT/SIGTERM, then shuts down gracefully.
+func runCoordinator(ctx context.Context, cfg coordinator.Config, started func(*coordinator.Coordinator)) error {
+	if ctx == nil {
+		ctx = context.Background()
+	}
+	ctx, stop := signal.NotifyContext(ctx, os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	c, err := coordinator.New(cfg)
+	if err != nil {
+		return err
+	}
+	if err := c.Start(); err != nil {
+		return err
+	}
+	if started != nil {
+		started(c)
+	}
+	<-ctx.Done()
+	cfg.Logger.Info("shutting down")
+	return c.Close()
+}
+
+func newDevCmd() *cobra.Command {
+	var f coordinatorFlags
+	cmd := &cobra.Command{
+		Use:   "dev",
+		Short: "Run a single-node Kiln for local use (data in a temp dir unless --data-dir)",
+		Args:  cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := f.finish(); err != nil {
+				return err
+			}
+			if f.cfg.DataDir == "" {
+				dir, err := os.MkdirTemp("", "kiln-dev-")
+				if err != nil {
+					return err
+				}
+				f.cfg.DataDir = dir
+			}
+			if err := os.MkdirAll(f.cfg.DataDir, 0o700); err != nil {
+				return err
+			}
+			if f.adminTokenFile == "" {
+				f.adminTokenFile = filepath.Join(f.cfg.DataDir, "admin-token")
+				if err := ensureToken(f.adminTokenFile); err != nil {
+					return err
+				}
+			}
+			tok, err := readToken(f.adminTokenFile)
+			if err != nil {
+				return err
+			}
+			f.cfg.AdminToken = tok
+			f.cfg.Bootstrap = true
+			return runCoordinator(cmd.Context(), f.cfg, func(c *coordinator.Coordinator) {
+				fmt.Printf("Kiln dev is running.\n  API:         http://%s/api/v1/builds\n  Cluster:     http://%s/api/v1/cluster\n  Data dir:    %s\n  Admin token: %s\n  (token file: %s)\n",
+					c.HTTPAddr(), c.HTTPAddr(), f.cfg.DataDir, tok, f.adminTokenFile)
+			})
+		},
+	}
+	f.register(cmd, "127.0.0.1:8080", "127.0.0.1:8300")
+	return cmd
+}
+
+// ensureToken writes a new random token to path unless one is there.
+func ensureToken(path string) error {
+	if _, err := os.Stat(path); err == nil {
+		return nil
+	}
+	b := make([]byte, 24)
+	if _, err := rand.Read(b); err != nil {
+		return err
+	}
+	return os.WriteFile(path, []byte(hex.EncodeToString(b)+"\n"), 0o600)
+}

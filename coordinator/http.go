@@ -1,0 +1,120 @@
+package coordinator
+
+import (
+	"net/http"
+	"time"
+
+	"connectrpc.com/connect"
+	"connectrpc.com/grpcreflect"
+
+	"github.com/kilnci/kiln/rpc"
+	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
+	"github.com/kilnci/kiln/web"
+)
+
+// writeProcedures are the Connect procedures that need the admin token.
+var writeProcedures = map[string]bool{
+	kilnv1connect.BuildServiceSubmitBuildProcedure: true,
+	kilnv1connect.BuildServiceCancelBuildProcedure: true,
+	kilnv1connect.ClusterServiceApplyProcedure:     true,
+	kilnv1connect.ClusterServiceJoinProcedure:      true,
+	kilnv1connect.ClusterServiceMembersProcedure:   false,
+}
+
+func (c *Coordinator) newHTTPServer() *http.Server {
+	mux := http.NewServeMux()
+	opts := connect.WithHandlerOptions(
+		connect.WithInterceptors(rpc.NewAuthInterceptor(rpc.RequireToken(c.cfg.AdminToken), func(p string) bool { return writeProcedures[p] })),
+		connect.WithReadMaxBytes(int(c.cfg.MaxBodyBytes)),
+		connect.WithSendMaxBytes(int(c.cfg.MaxBodyBytes)),
+	)
+	mux.Handle(kilnv1connect.NewBuildServiceHandler(buildService{c}, opts))
+	mux.Handle(kilnv1connect.NewClusterServiceHandler(clusterService{c}, opts))
+	reflector := grpcreflect.NewStaticReflector(kilnv1connect.BuildServiceName, kilnv1connect.ClusterServiceName)
+	mux.Handle(grpcreflect.NewHandlerV1(reflector))
+	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))
+
+	api := web.NewAPI(web.Config{
+		Backend: c,
+		Authorize: func(r *http.Request) error {
+			return rpc.RequireToken(c.cfg.AdminToken)(r.Context(), r.URL.Path, r.Header)
+		},
+		MaxBodyBytes: c.cfg.MaxBodyBytes,
+		Logger:       c.log,
+	})
+	mux.Handle("/api/", api)
+	mux.HandleFunc("GET /api/v1/cluster", c.handleCluster)
+	mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) {
+		web.WriteJSON(w, http.StatusOK, map[string]any{"status": "ok", "node": c.id})
+	})
+	mux.HandleFunc("GET /ready", c.handleReady)
+
+	var protocols http.Protocols
+	protocols.SetHTTP1(true)
+	protocols.SetUnencryptedHTTP2(true)
+	return &http.Server{
+		Handler:           mux,
+		Protocols:         &protocols,
+		ReadHeaderTimeout: 10 * time.Second,
+		IdleTimeout:       2 * time.Minute,
+		MaxHeaderBytes:    64 << 10,
+		// No WriteTimeout: it would cut long-polls and streams short.
+		BaseContext: nil,
+	}
+}
+
+// Ready reports whether a leader is known and this node has applied what
+// was committed when it first saw one, with the reason when not.
+func (c *Coordinator) Ready() (bool, string) {
+	_, leader := c.raft.LeaderWithID()
+	if leader == "" {
+		return false, "no leader known"
+	}
+	target := c.readyIndex.Load()
+	if target == 0 {
+		return false, "waiting for the first contact with a leader"
+	}
+	if applied := c.fsm.AppliedIndex(); applied < target {
+		return false, "catching up with the log"
+	}
+	return true, ""
+}
+
+func (c *Coordinator) handleReady(w http.ResponseWriter, r *http.Request) {
+	ok, reason := c.Ready()
+	body := map[string]any{"ready": ok, "applied_index": c.fsm.AppliedIndex()}
+	status := http.StatusOK
+	if !ok {
+		body["reason"] = reason
+		status = http.StatusServiceUnavailable
+	}
+	web.WriteJSON(w, status, body)
+}
+
+type clusterMember struct {
+	ID       string `json:"id"`
+	RaftAddr string `json:"raft_addr"`
+	HTTPAddr string `json:"http_addr,omitempty"`
+	Voter    bool   `json:"voter"`
+	Leader   bool   `json:"leader"`
+}
+
+func (c *Coordinator) handleCluster(w http.ResponseWriter, r *http.Request) {
+	ms, leader, err := c.members()
+	if err != nil {
+		web.WriteError(w, err)
+		return
+	}
+	out := struct {
+		Node         string          `json:"node"`
+		State        string          `json:"state"`
+		Leader       string          `json:"leader"`
+		AppliedIndex uint64          `json:"applied_index"`
+		CommitIndex  uint64          `json:"commit_index"`
+		Members      []clusterMember `json:"members"`
+	}{Node: c.id, State: c.raft.State().String(), Leader: leader, AppliedIndex: c.fsm.AppliedIndex(), CommitIndex: c.raft.CommitIndex(), Members: []clusterMember{}}
+	for _, m := range ms {
+		out.Members = append(out.Members, clusterMember{ID: m.Id, RaftAddr: m.RaftAddr, HTTPAddr: m.HttpAddr, Voter: m.Voter, Leader: m.Leader})
+	}
+	web.WriteJSON(w, http.StatusOK, out)
+}

@@ -1,0 +1,238 @@
+package raftfsm
+
+import (
+	"fmt"
+
+	"github.com/hashicorp/go-memdb"
+
+	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+)
+
+// Reader is a consistent, read-only view of the state. Records it returns
+// are shared: callers must not modify them.
+type Reader struct {
+	txn     *memdb.Txn
+	abandon <-chan struct{}
+}
+
+// Abandon is closed when the state is replaced by a snapshot restore;
+// long-polls add it to their watch sets.
+func (r *Reader) Abandon() <-chan struct{} { return r.abandon }
+
+func first[T any](r *Reader, table, index string, args ...any) (T, error) {
+	var zero T
+	o, err := r.txn.First(table, index, args...)
+	if err != nil || o == nil {
+		return zero, err
+	}
+	return o.(T), nil
+}
+
+// Build returns one build or ErrNotFound.
+func (r *Reader) Build(id uint64) (*pb.Build, error) {
+	b, err := first[*pb.Build](r, tableBuilds, "id", id)
+	if err == nil && b == nil {
+		err = fmt.Errorf("%w: build %d", ErrNotFound, id)
+	}
+	return b, err
+}
+
+// MaxBuildID is the highest build ID in use (0 when none).
+func (r *Reader) MaxBuildID() (uint64, error) {
+	o, err := r.txn.Last(tableBuilds, "id")
+	if err != nil || o == nil {
+		return 0, err
+	}
+	return o.(*pb.Build).Id, nil
+}
+
+// BuildFilter selects builds; empty fields match everything.
+type BuildFilter struct {
+	Project, Jobset, Job string
+	State                pb.BuildState // UNSPECIFIED matches both
+}
+
+func (f BuildFilter) match(b *pb.Build) bool {
+	return (f.Project == "" || b.Project == f.Project) &&
+		(f.Jobset == "" || b.Jobset == f.Jobset) &&
+		(f.Job == "" || b.Job == f.Job) &&
+		(f.State == pb.BuildState_BUILD_STATE_UNSPECIFIED || b.State == f.State)
+}
+
+// Builds lists matching builds, newest first: the page [offset, offset+limit)
+// and the total number that match.
+func (r *Reader) Builds(f BuildFilter, offset, limit int) ([]*pb.Build, int, error) {
+	var it memdb.ResultIterator
+	var err error
+	switch {
+	case f.Project != "" && f.Jobset != "" && f.Job != "":
+		it, err = r.txn.GetReverse(tableBuilds, "job", f.Project, f.Jobset, f.Job)
+	case f.Project != "" && f.Jobset != "":
+		it, err = r.txn.GetReverse(tableBuilds, "job_prefix", f.Project, f.Jobset)
+	case f.Project != "":
+		it, err = r.txn.GetReverse(tableBuilds, "job_prefix", f.Project)
+	case f.State != pb.BuildState_BUILD_STATE_UNSPECIFIED:
+		it, err = r.txn.GetReverse(tableBuilds, "state", f.State)
+	default:
+		it, err = r.txn.GetReverse(tableBuilds, "id")
+	}
+	if err != nil {
+		return nil, 0, err
+	}
+	var page []*pb.Build
+	total := 0
+	for o := it.Next(); o != nil; o = it.Next() {
+		b := o.(*pb.Build)
+		if !f.match(b) {
+			continue
+		}
+		if total >= offset && len(page) < limit {
+			page = append(page, b)
+		}
+		total++
+	}
+	return page, total, nil
+}
+
+// BuildsOfDrv lists builds whose top-level derivation is drv.
+func (r *Reader) BuildsOfDrv(drv string) ([]*pb.Build, error) {
+	return all[*pb.Build](r.txn.Get(tableBuilds, "drv", drv))
+}
+
+// Step returns one step or ErrNotFound.
+func (r *Reader) Step(drv string) (*pb.Step, error) {
+	s, err := first[*pb.Step](r, tableSteps, "id", drv)
+	if err == nil && s == nil {
+		err = fmt.Errorf("%w: step %s", ErrNotFound, drv)
+	}
+	return s, err
+}
+
+// StepsIn iterates steps in a state, optionally of one system (and, with
+// system given, one exact feature set), calling fn until it returns false.
+// The iterator's watch channel is added to ws when ws is non-nil.
+func (r *Reader) StepsIn(ws memdb.WatchSet, state pb.StepState, systemAndFeatures ...string) (func(fn func(*pb.Step) bool), error) {
+	args := []any{state}
+	for _, s := range systemAndFeatures {
+		args = append(args, s)
+	}
+	it, err := r.txn.Get(tableSteps, "sched_prefix", args...)
+	if err != nil {
+		return nil, err
+	}
+	if ws != nil {
+		ws.Add(it.WatchCh())
+	}
+	return func(fn func(*pb.Step) bool) {
+		for o := it.Next(); o != nil; o = it.Next() {
+			if !fn(o.(*pb.Step)) {
+				return
+			}
+		}
+	}, nil
+}
+
+// Lease returns an active lease or ErrNotFound.
+func (r *Reader) Lease(id uint64) (*pb.Lease, error) {
+	l, err := first[*pb.Lease](r, tableLeases, "id", id)
+	if err == nil && l == nil {
+		err = fmt.Errorf("%w: lease %d", ErrNotFound, id)
+	}
+	return l, err
+}
+
+// Leases lists active leases.
+func (r *Reader) Leases() ([]*pb.Lease, error) { return all[*pb.Lease](r.txn.Get(tableLeases, "id")) }
+
+// Project returns one project or ErrNotFound.
+func (r *Reader) Project(name string) (*pb.Project, error) {
+	p, err := first[*pb.Project](r, tableProjects, "id", name)
+	if err == nil && p == nil {
+		err = fmt.Errorf("%w: project %q", ErrNotFound, name)
+	}
+	return p, err
+}
+
+// Projects lists projects by name.
+func (r *Reader) Projects() ([]*pb.Project, error) {
+	return all[*pb.Project](r.txn.Get(tableProjects, "id"))
+}
+
+// Jobset returns one jobset or ErrNotFound.
+func (r *Reader) Jobset(project, name string) (*pb.Jobset, error) {
+	j, err := first[*pb.Jobset](r, tableJobsets, "id", project, name)
+	if err == nil && j == nil {
+		err = fmt.Errorf("%w: jobset %s:%s", ErrNotFound, project, name)
+	}
+	return j, err
+}
+
+// Jobsets lists a project's jobsets (all jobsets when project is empty).
+func (r *Reader) Jobsets(project string) ([]*pb.Jobset, error) {
+	if project == "" {
+		return all[*pb.Jobset](r.txn.Get(tableJobsets, "id"))
+	}
+	return all[*pb.Jobset](r.txn.Get(tableJobsets, "id_prefix", project))
+}
+
+// Nodes lists the coordinators the cluster knows.
+func (r *Reader) Nodes() ([]*pb.Node, error) { return all[*pb.Node](r.txn.Get(tableNodes, "id")) }
+
+// Node returns one coordinator or ErrNotFound.
+func (r *Reader) Node(id string) (*pb.Node, error) {
+	n, err := first[*pb.Node](r, tableNodes, "id", id)
+	if err == nil && n == nil {
+		err = fmt.Errorf("%w: node %q", ErrNotFound, id)
+	}
+	return n, err
+}
+
+func all[T any](it memdb.ResultIterator, err error) ([]T, error) {
+	if err != nil {
+		return nil, err
+	}
+	var out []T
+	for o := it.Next(); o != nil; o = it.Next() {
+		out = append(out, o.(T))
+	}
+	return out, nil
+}
+
+// Dump is every record of the state, in key order: for tests and debugging.
+type Dump struct {
+	Nodes    []*pb.Node
+	Projects []*pb.Project
+	Jobsets  []*pb.Jobset
+	Evals    []*pb.Eval
+	Steps    []*pb.Step
+	Builds   []*pb.Build
+	Leases   []*pb.Lease
+}
+
+// Dump copies out the whole state.
+func (r *Reader) Dump() (*Dump, error) {
+	d := &Dump{}
+	var err error
+	if d.Nodes, err = r.Nodes(); err != nil {
+		return nil, err
+	}
+	if d.Projects, err = r.Projects(); err != nil {
+		return nil, err
+	}
+	if d.Jobsets, err = r.Jobsets(""); err != nil {
+		return nil, err
+	}
+	if d.Evals, err = all[*pb.Eval](r.txn.Get(tableEvals, "id")); err != nil {
+		return nil, err
+	}
+	if d.Steps, err = all[*pb.Step](r.txn.Get(tableSteps, "id")); err != nil {
+		return nil, err
+	}
+	if d.Builds, err = all[*pb.Build](r.txn.Get(tableBuilds, "id")); err != nil {
+		return nil, err
+	}
+	if d.Leases, err = r.Leases(); err != nil {
+		return nil, err
+	}
+	return d, nil
+}

@@ -1,0 +1,191 @@
+package raftfsm
+
+import (
+	"encoding/binary"
+	"fmt"
+	"strings"
+
+	"github.com/hashicorp/go-memdb"
+
+	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+)
+
+// Table names.
+const (
+	tableProjects = "projects"
+	tableJobsets  = "jobsets"
+	tableEvals    = "evals"
+	tableBuilds   = "builds"
+	tableSteps    = "steps"
+	tableLeases   = "leases"
+	tableNodes    = "nodes"
+)
+
+// keyFunc builds an index key from an object; argsFunc from query arguments.
+type keyFunc func(obj any) ([]byte, bool, error)
+type argsFunc func(args ...any) ([]byte, error)
+
+// funcIndex is a memdb index defined by two functions. Keys are
+// self-delimiting so prefix queries on leading components work.
+type funcIndex struct {
+	obj  keyFunc
+	args argsFunc
+}
+
+func (f funcIndex) FromObject(obj any) (bool, []byte, error) {
+	k, ok, err := f.obj(obj)
+	return ok, k, err
+}
+func (f funcIndex) FromArgs(args ...any) ([]byte, error) { return f.args(args...) }
+
+// PrefixFromArgs allows prefix iteration ("_prefix" index suffix) with fewer
+// components than the full key.
+func (f funcIndex) PrefixFromArgs(args ...any) ([]byte, error) { return f.args(args...) }
+
+func u64(v uint64) []byte { return binary.BigEndian.AppendUint64(nil, v) }
+
+// strKey joins components, each terminated by NUL.
+func strKey(parts ...string) []byte {
+	n := 0
+	for _, p := range parts {
+		n += len(p) + 1
+	}
+	b := make([]byte, 0, n)
+	for _, p := range parts {
+		b = append(b, p...)
+		b = append(b, 0)
+	}
+	return b
+}
+
+func argStrings(args []any) ([]string, error) {
+	out := make([]string, len(args))
+	for i, a := range args {
+		s, ok := a.(string)
+		if !ok {
+			return nil, fmt.Errorf("index argument %d: want string, got %T", i, a)
+		}
+		out[i] = s
+	}
+	return out, nil
+}
+
+func stringsArgs(args ...any) ([]byte, error) {
+	s, err := argStrings(args)
+	if err != nil {
+		return nil, err
+	}
+	return strKey(s...), nil
+}
+
+func uintArgs(args ...any) ([]byte, error) {
+	if len(args) != 1 {
+		return nil, fmt.Errorf("want one id argument, got %d", len(args))
+	}
+	v, ok := args[0].(uint64)
+	if !ok {
+		return nil, fmt.Errorf("id argument: want uint64, got %T", args[0])
+	}
+	return u64(v), nil
+}
+
+// stateSystemArgs takes (state [, system [, featuresKey]]).
+func stateSystemArgs(args ...any) ([]byte, error) {
+	if len(args) == 0 {
+		return nil, fmt.Errorf("want a state argument")
+	}
+	st, ok := args[0].(pb.StepState)
+	if !ok {
+		return nil, fmt.Errorf("state argument: want StepState, got %T", args[0])
+	}
+	rest, err := argStrings(args[1:])
+	if err != nil {
+		return nil, err
+	}
+	return append([]byte{byte(st)}, strKey(rest...)...), nil
+}
+
+func buildStateArgs(args ...any) ([]byte, error) {
+	if len(args) != 1 {
+		return nil, fmt.Errorf("want one state argument")
+	}
+	st, ok := args[0].(pb.BuildState)
+	if !ok {
+		return nil, fmt.Errorf("state argument: want BuildState, got %T", args[0])
+	}
+	return []byte{byte(st)}, nil
+}
+
+// FeaturesKey is the canonical form of a feature set used in indexes.
+func FeaturesKey(features []string) string { return strings.Join(features, ",") }
+
+func schema() *memdb.DBSchema {
+	idx := func(name string, unique bool, obj keyFunc, args argsFunc) *memdb.IndexSchema {
+		return &memdb.IndexSchema{Name: name, Unique: unique, Indexer: funcIndex{obj, args}}
+	}
+	return &memdb.DBSchema{Tables: map[string]*memdb.TableSchema{
+		tableProjects: {Name: tableProjects, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(o any) ([]byte, bool, error) {
+				return strKey(o.(*pb.Project).Name), true, nil
+			}, stringsArgs),
+		}},
+		tableJobsets: {Name: tableJobsets, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(o any) ([]byte, bool, error) {
+				j := o.(*pb.Jobset)
+				return strKey(j.Project, j.Name), true, nil
+			}, stringsArgs),
+		}},
+		tableEvals: {Name: tableEvals, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(o any) ([]byte, bool, error) {
+				return u64(o.(*pb.Eval).Id), true, nil
+			}, uintArgs),
+			"jobset": idx("jobset", false, func(o any) ([]byte, bool, error) {
+				e := o.(*pb.Eval)
+				return strKey(e.Project, e.Jobset), true, nil
+			}, stringsArgs),
+		}},
+		tableBuilds: {Name: tableBuilds, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(o any) ([]byte, bool, error) {
+				return u64(o.(*pb.Build).Id), true, nil
+			}, uintArgs),
+			"state": idx("state", false, func(o any) ([]byte, bool, error) {
+				return []byte{byte(o.(*pb.Build).State)}, true, nil
+			}, buildStateArgs),
+			"job": idx("job", false, func(o any) ([]byte, bool, error) {
+				b := o.(*pb.Build)
+				return strKey(b.Project, b.Jobset, b.Job), true, nil
+			}, stringsArgs),
+			"drv": idx("drv", false, func(o any) ([]byte, bool, error) {
+				return strKey(o.(*pb.Build).DrvPath), true, nil
+			}, stringsArgs),
+		}},
+		tableSteps: {Name: tableSteps, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(o any) ([]byte, bool, error) {
+				return strKey(o.(*pb.Step).DrvPath), true, nil
+			}, stringsArgs),
+			// (state, system, features): what the scheduler asks for.
+			"sched": idx("sched", false, func(o any) ([]byte, bool, error) {
+				s := o.(*pb.Step)
+				return append([]byte{byte(s.State)}, strKey(s.System, FeaturesKey(s.RequiredFeatures))...), true, nil
+			}, stateSystemArgs),
+			// the lease a step is (or was last) leased under, for fencing.
+			"lease": {Name: "lease", Unique: true, AllowMissing: true, Indexer: funcIndex{func(o any) ([]byte, bool, error) {
+				s := o.(*pb.Step)
+				return u64(s.LeaseId), s.LeaseId != 0, nil
+			}, uintArgs}},
+		}},
+		tableLeases: {Name: tableLeases, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(o any) ([]byte, bool, error) {
+				return u64(o.(*pb.Lease).Id), true, nil
+			}, uintArgs),
+			"agent": idx("agent", false, func(o any) ([]byte, bool, error) {
+				return strKey(o.(*pb.Lease).AgentId), true, nil
+			}, stringsArgs),
+		}},
+		tableNodes: {Name: tableNodes, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(o any) ([]byte, bool, error) {
+				return strKey(o.(*pb.Node).Id), true, nil
+			}, stringsArgs),
+		}},
+	}}
+}

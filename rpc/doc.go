@@ -1,0 +1,2 @@
+// Package rpc holds Kiln's Connect protocols: protos, generated code, auth interceptors and client helpers.
+package rpc

@@ -1,0 +1,56 @@
+package web
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+
+	"github.com/kilnci/kiln/raftfsm"
+)
+
+// WriteJSON writes v as a JSON response.
+func WriteJSON(w http.ResponseWriter, status int, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(status)
+	enc := json.NewEncoder(w)
+	_ = enc.Encode(v)
+}
+
+// WriteError writes {"error": "..."} with the status the error maps to.
+func WriteError(w http.ResponseWriter, err error) {
+	status, _ := raftfsm.StatusOf(err)
+	msg := err.Error()
+	if status == http.StatusInternalServerError {
+		msg = "internal error"
+	}
+	WriteJSON(w, status, map[string]string{"error": msg})
+}
+
+// decodeJSON reads one JSON value of at most limit bytes into v. Unknown
+// fields, trailing data, malformed JSON and oversize bodies are errors
+// wrapping ErrInvalid or ErrTooLarge.
+func decodeJSON(w http.ResponseWriter, r *http.Request, limit int64, v any) error {
+	body := http.MaxBytesReader(w, r.Body, limit)
+	dec := json.NewDecoder(body)
+	dec.DisallowUnknownFields()
+	if err := dec.Decode(v); err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return fmt.Errorf("%w: request body over %d bytes", raftfsm.ErrTooLarge, limit)
+		}
+		if errors.Is(err, io.EOF) {
+			return fmt.Errorf("%w: empty request body", raftfsm.ErrInvalid)
+		}
+		return fmt.Errorf("%w: malformed JSON: %v", raftfsm.ErrInvalid, err)
+	}
+	if _, err := dec.Token(); !errors.Is(err, io.EOF) {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			return fmt.Errorf("%w: request body over %d bytes", raftfsm.ErrTooLarge, limit)
+		}
+		return fmt.Errorf("%w: trailing data after the JSON value", raftfsm.ErrInvalid)
+	}
+	return nil
+}
