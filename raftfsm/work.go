@@ -228,10 +228,11 @@ func (w *work) release(root string) error {
 	return nil
 }
 
-// dropLease deletes the active lease record of a step, if any. The step
-// keeps lease_id so a repeated completion under it is recognised.
+// dropLease deletes the active lease record of a step, if any, whatever
+// state the caller already moved the step to. The step keeps lease_id so a
+// repeated completion under it is recognised.
 func (w *work) dropLease(s *pb.Step) error {
-	if s.State != pb.StepState_STEP_STATE_LEASED || s.LeaseId == 0 {
+	if s.LeaseId == 0 {
 		return nil
 	}
 	o, err := w.c.txn.First(tableLeases, "id", s.LeaseId)

@@ -1,0 +1,289 @@
+package raftfsm
+
+import (
+	"fmt"
+	"math/rand/v2"
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/hashicorp/raft"
+	"google.golang.org/protobuf/proto"
+
+	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+)
+
+// gen produces random command sequences that read the state they are
+// applied to, so they exercise real transitions (and plenty of errors).
+type gen struct {
+	r      *rand.Rand
+	f      *FSM
+	pool   []*pb.DerivationNode // a DAG: node i only depends on nodes < i
+	nextID uint64
+	leases []uint64 // every lease id ever granted, for stale completions
+}
+
+func newGen(seed uint64, f *FSM) *gen {
+	g := &gen{r: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)), f: f}
+	for i := 0; i < 30; i++ {
+		var ins []string
+		for j := 0; j < i; j++ {
+			if g.r.IntN(8) == 0 {
+				ins = append(ins, fmt.Sprintf("p%d-%d", seed, j))
+			}
+		}
+		n := node(fmt.Sprintf("p%d-%d", seed, i), ins...)
+		if g.r.IntN(5) == 0 {
+			n.RequiredFeatures = []string{"kvm", "big-parallel"}[:1+g.r.IntN(2)]
+		}
+		g.pool = append(g.pool, n)
+	}
+	return g
+}
+
+func (g *gen) pick(states ...pb.StepState) *pb.Step {
+	var cands []*pb.Step
+	for _, st := range states {
+		each, err := g.f.Read().StepsIn(nil, st)
+		if err != nil {
+			panic(err)
+		}
+		each(func(s *pb.Step) bool { cands = append(cands, s); return true })
+	}
+	if len(cands) == 0 {
+		return nil
+	}
+	return cands[g.r.IntN(len(cands))]
+}
+
+// closureGraph is the pool closure of node i.
+func (g *gen) closureGraph(i int) []*pb.DerivationNode {
+	need := map[string]bool{g.pool[i].DrvPath: true}
+	var out []*pb.DerivationNode
+	for j := i; j >= 0; j-- {
+		if need[g.pool[j].DrvPath] {
+			out = append(out, g.pool[j])
+			for _, in := range g.pool[j].InputDrvs {
+				need[in] = true
+			}
+		}
+	}
+	return out
+}
+
+func (g *gen) command(now int64) *pb.Command {
+	c := func(t pb.CommandType, m proto.Message) *pb.Command {
+		cmd, err := NewCommand(t, m, now)
+		if err != nil {
+			panic(err)
+		}
+		return cmd
+	}
+	switch k := g.r.IntN(100); {
+	case k < 25: // submit
+		i := g.r.IntN(len(g.pool))
+		g.nextID++
+		id := g.nextID
+		graph := g.closureGraph(i)
+		switch g.r.IntN(12) {
+		case 0: // duplicate id
+			id = max(1, id-1)
+		case 1: // bad path
+			graph = append([]*pb.DerivationNode{{DrvPath: "/nix/store/bad.drv", System: "x", Outputs: []*pb.Output{{Name: "out", Path: storePath("x")}}}}, graph...)
+		case 2: // missing input
+			graph = graph[:1]
+		case 3: // cycle
+			a := node(fmt.Sprintf("cyc-a-%d", id), fmt.Sprintf("cyc-b-%d", id))
+			b := node(fmt.Sprintf("cyc-b-%d", id), fmt.Sprintf("cyc-a-%d", id))
+			return c(pb.CommandType_COMMAND_TYPE_SUBMIT_BUILD, &pb.SubmitBuild{Build: &pb.Build{Id: id, DrvPath: a.DrvPath}, Graph: []*pb.DerivationNode{a, b}})
+		}
+		return c(pb.CommandType_COMMAND_TYPE_SUBMIT_BUILD, &pb.SubmitBuild{Build: &pb.Build{Id: id, DrvPath: g.pool[i].DrvPath, Job: fmt.Sprintf("job%d", i), Priority: int32(g.r.IntN(3))}, Graph: graph})
+	case k < 32: // cancel
+		return c(pb.CommandType_COMMAND_TYPE_CANCEL_BUILD, &pb.CancelBuild{Id: 1 + g.r.Uint64N(g.nextID+2), Reason: "test"})
+	case k < 52: // grant
+		s := g.pick(pb.StepState_STEP_STATE_RUNNABLE, pb.StepState_STEP_STATE_WAITING)
+		d := drv("nothing")
+		if s != nil {
+			d = s.DrvPath
+		}
+		return c(pb.CommandType_COMMAND_TYPE_GRANT_LEASE, &pb.GrantLease{AgentId: fmt.Sprintf("agent%d", g.r.IntN(3)), DrvPath: d, TtlSeconds: 30})
+	case k < 75: // complete
+		var id uint64
+		if s := g.pick(pb.StepState_STEP_STATE_LEASED); s != nil && g.r.IntN(5) > 0 {
+			id = s.LeaseId
+		} else if len(g.leases) > 0 {
+			id = g.leases[g.r.IntN(len(g.leases))] // stale or repeated
+		}
+		outcome := []pb.LeaseOutcome{pb.LeaseOutcome_LEASE_OUTCOME_SUCCEEDED, pb.LeaseOutcome_LEASE_OUTCOME_SUCCEEDED,
+			pb.LeaseOutcome_LEASE_OUTCOME_FAILED, pb.LeaseOutcome_LEASE_OUTCOME_TRANSIENT, pb.LeaseOutcome_LEASE_OUTCOME_TIMED_OUT}[g.r.IntN(5)]
+		return c(pb.CommandType_COMMAND_TYPE_COMPLETE_LEASE, &pb.CompleteLease{LeaseId: id, Outcome: outcome, Error: "e", MaxTries: 3, BackoffSeconds: int64(g.r.IntN(3))})
+	case k < 82: // expire
+		var id uint64
+		if s := g.pick(pb.StepState_STEP_STATE_LEASED); s != nil {
+			id = s.LeaseId
+		}
+		return c(pb.CommandType_COMMAND_TYPE_EXPIRE_LEASE, &pb.ExpireLease{LeaseId: id, MaxTries: 3, BackoffSeconds: 1})
+	case k < 87:
+		return c(pb.CommandType_COMMAND_TYPE_PUT_PROJECT, &pb.PutProject{Project: &pb.Project{Name: fmt.Sprintf("proj%d", g.r.IntN(4)), DisplayName: fmt.Sprint(g.r.IntN(100)), Enabled: true}})
+	case k < 89:
+		return c(pb.CommandType_COMMAND_TYPE_DELETE_PROJECT, &pb.DeleteProject{Name: fmt.Sprintf("proj%d", g.r.IntN(4))})
+	case k < 93:
+		return c(pb.CommandType_COMMAND_TYPE_PUT_JOBSET, &pb.PutJobset{Jobset: &pb.Jobset{Project: fmt.Sprintf("proj%d", g.r.IntN(4)), Name: fmt.Sprintf("js%d", g.r.IntN(3)), Enabled: int32(g.r.IntN(5)), KeepNr: 3}})
+	case k < 95:
+		return c(pb.CommandType_COMMAND_TYPE_DELETE_JOBSET, &pb.DeleteJobset{Project: fmt.Sprintf("proj%d", g.r.IntN(4)), Name: fmt.Sprintf("js%d", g.r.IntN(3))})
+	case k < 97:
+		return c(pb.CommandType_COMMAND_TYPE_PUT_NODE, &pb.PutNode{Node: &pb.Node{Id: fmt.Sprintf("n%d", g.r.IntN(3)), RaftAddr: "127.0.0.1:1", HttpAddr: fmt.Sprintf("127.0.0.1:%d", g.r.IntN(9))}})
+	case k < 98:
+		return c(pb.CommandType_COMMAND_TYPE_DELETE_NODE, &pb.DeleteNode{Id: fmt.Sprintf("n%d", g.r.IntN(3))})
+	case k < 99:
+		return &pb.Command{Type: pb.CommandType(900), Ignorable: true, Payload: []byte{0xff}, Now: now}
+	}
+	return c(pb.CommandType_COMMAND_TYPE_NOOP, &pb.Noop{})
+}
+
+type resultKey struct {
+	ID   uint64
+	Kind string
+}
+
+// TestPropertyReplayAndSnapshot: random command sequences, applied in
+// random groupings, give the same state and results on a second FSM fed
+// one entry at a time, and on an FSM restored from a snapshot.
+func TestPropertyReplayAndSnapshot(t *testing.T) {
+	for seed := uint64(1); seed <= 12; seed++ {
+		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
+			a := New(nil)
+			g := newGen(seed, a)
+			var logs []*raft.Log
+			var results []resultKey
+			now := int64(1000)
+			transitions := map[string]int{}
+			for index := uint64(1); len(logs) < 150; index++ {
+				n := 1 + g.r.IntN(6)
+				var cmds []*pb.Command
+				for i := 0; i < n; i++ {
+					now += int64(g.r.IntN(2))
+					cmds = append(cmds, g.command(now))
+				}
+				data, err := EncodeEntry(cmds)
+				if err != nil {
+					t.Fatal(err)
+				}
+				l := &raft.Log{Type: raft.LogCommand, Index: index, Data: data}
+				logs = append(logs, l)
+				// Apply as we go (the generator reads A's state), one
+				// ApplyBatch of this single entry.
+				res := a.ApplyBatch([]*raft.Log{l})[0].(*EntryResult)
+				for i, r := range res.Results {
+					results = append(results, resultKey{r.ID, Kind(r.Err)})
+					if r.Err == nil {
+						transitions[cmds[i].Type.String()]++
+						if cmds[i].Type == pb.CommandType_COMMAND_TYPE_GRANT_LEASE {
+							g.leases = append(g.leases, r.ID)
+						}
+					} else {
+						transitions["error:"+Kind(r.Err)]++
+					}
+				}
+			}
+			checkInvariants(t, a)
+			// Meaningful mix: successes of the important commands and errors.
+			for _, k := range []string{"COMMAND_TYPE_SUBMIT_BUILD", "COMMAND_TYPE_GRANT_LEASE", "COMMAND_TYPE_COMPLETE_LEASE", "error:invalid", "error:stale_lease"} {
+				if transitions[k] == 0 {
+					t.Errorf("seed %d never produced %s: %v", seed, k, transitions)
+				}
+			}
+
+			// (b) the same log, fed in other groupings, to a fresh FSM.
+			b := New(nil)
+			var got []resultKey
+			for i := 0; i < len(logs); {
+				n := 1 + g.r.IntN(8)
+				if i+n > len(logs) {
+					n = len(logs) - i
+				}
+				var out []any
+				if n == 1 {
+					out = []any{b.Apply(logs[i])}
+				} else {
+					out = b.ApplyBatch(logs[i : i+n])
+				}
+				for _, o := range out {
+					for _, r := range o.(*EntryResult).Results {
+						got = append(got, resultKey{r.ID, Kind(r.Err)})
+					}
+				}
+				i += n
+			}
+			if diff := cmp.Diff(results, got); diff != "" {
+				t.Fatalf("results differ on replay (-first +replay):\n%s", diff)
+			}
+			da, _ := a.Read().Dump()
+			db, _ := b.Read().Dump()
+			if diff := diffDumps(da, db); diff != "" {
+				t.Fatalf("replayed state differs:\n%s", diff)
+			}
+			if a.AppliedIndex() != b.AppliedIndex() {
+				t.Fatalf("applied index %d vs %d", a.AppliedIndex(), b.AppliedIndex())
+			}
+
+			// (a) snapshot and restore.
+			c := restoreFrom(t, snapshotBytes(t, a))
+			dc, _ := c.Read().Dump()
+			if diff := diffDumps(da, dc); diff != "" {
+				t.Fatalf("restored state differs:\n%s", diff)
+			}
+			if c.AppliedIndex() != a.AppliedIndex() {
+				t.Fatalf("restored applied index %d, want %d", c.AppliedIndex(), a.AppliedIndex())
+			}
+		})
+	}
+}
+
+// checkInvariants verifies the bookkeeping the scheduler relies on.
+func checkInvariants(t *testing.T, f *FSM) {
+	t.Helper()
+	d, err := f.Read().Dump()
+	if err != nil {
+		t.Fatal(err)
+	}
+	steps := map[string]*pb.Step{}
+	for _, s := range d.Steps {
+		steps[s.DrvPath] = s
+	}
+	leases := map[uint64]*pb.Lease{}
+	for _, l := range d.Leases {
+		leases[l.Id] = l
+		if s := steps[l.DrvPath]; s == nil || s.State != pb.StepState_STEP_STATE_LEASED || s.LeaseId != l.Id {
+			t.Errorf("lease %d points at step %v", l.Id, s)
+		}
+	}
+	for _, s := range d.Steps {
+		if !terminal(s.State) && s.Refs == 0 {
+			t.Errorf("unfinished step %s (%s) has no refs", s.DrvPath, s.State)
+		}
+		if s.State == pb.StepState_STEP_STATE_LEASED && leases[s.LeaseId] == nil {
+			t.Errorf("leased step %s has no lease record %d", s.DrvPath, s.LeaseId)
+		}
+		if s.State == pb.StepState_STEP_STATE_WAITING || s.State == pb.StepState_STEP_STATE_RUNNABLE {
+			pending := 0
+			for _, in := range s.InputDrvs {
+				if steps[in].GetState() != pb.StepState_STEP_STATE_SUCCEEDED {
+					pending++
+				}
+			}
+			if uint32(pending) != s.PendingInputs {
+				t.Errorf("step %s: pending_inputs %d, actually %d", s.DrvPath, s.PendingInputs, pending)
+			}
+			if (pending == 0) != (s.State == pb.StepState_STEP_STATE_RUNNABLE) {
+				t.Errorf("step %s is %s with %d pending inputs", s.DrvPath, s.State, pending)
+			}
+		}
+	}
+	for _, b := range d.Builds {
+		if b.State == pb.BuildState_BUILD_STATE_QUEUED {
+			if s := steps[b.DrvPath]; s == nil || terminal(s.State) {
+				t.Errorf("queued build %d has top step %v", b.Id, s)
+			}
+		}
+	}
+}
