@@ -63,21 +63,21 @@ func writeSnapshot(w io.Writer, txn *memdb.Txn, index uint64) error {
 	if _, err := bw.Write(buf); err != nil {
 		return fmt.Errorf("write snapshot header: %w", err)
 	}
-	opts := proto.MarshalOptions{Deterministic: true}
+	var opts proto.MarshalOptions
 	for _, rt := range recordTables {
 		it, err := txn.Get(rt.table, "id")
 		if err != nil {
 			return err
 		}
+		var rec []byte
 		for o := it.Next(); o != nil; o = it.Next() {
-			buf = buf[:0]
-			buf = protowire.AppendVarint(buf, uint64(rt.typ))
-			size := opts.Size(o.(proto.Message))
-			buf = protowire.AppendVarint(buf, uint64(size))
-			buf, err = opts.MarshalAppend(buf, o.(proto.Message))
+			rec, err = opts.MarshalAppend(rec[:0], o.(proto.Message))
 			if err != nil {
 				return fmt.Errorf("encode %s record: %w", rt.table, err)
 			}
+			buf = protowire.AppendVarint(buf[:0], uint64(rt.typ))
+			buf = protowire.AppendVarint(buf, uint64(len(rec)))
+			buf = append(buf, rec...)
 			if _, err := bw.Write(buf); err != nil {
 				return fmt.Errorf("write snapshot: %w", err)
 			}
@@ -114,23 +114,66 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 	if err != nil {
 		return nil, nil, err
 	}
+	// Decoding runs in its own goroutine, ahead of the inserts.
+	batches := make(chan []restoreRecord, 8)
+	decodeErr := make(chan error, 1)
+	stop := make(chan struct{})
+	defer close(stop)
+	go func() {
+		defer close(batches)
+		decodeErr <- decodeRecords(br, batches, stop)
+	}()
+	txn := db.Txn(true)
+	defer txn.Abort()
+	for batch := range batches {
+		for _, rec := range batch {
+			if err := txn.Insert(rec.table, rec.msg); err != nil {
+				return nil, nil, fmt.Errorf("restore %s: %w", rec.table, err)
+			}
+		}
+	}
+	if err := <-decodeErr; err != nil {
+		return nil, nil, err
+	}
+	txn.Commit()
+	return db, &hdr, nil
+}
+
+type restoreRecord struct {
+	table string
+	msg   proto.Message
+}
+
+// decodeRecords reads records until the end marker, sending them in batches.
+func decodeRecords(br *bufio.Reader, out chan<- []restoreRecord, stop <-chan struct{}) error {
 	tables := map[pb.RecordType]int{}
 	for i, rt := range recordTables {
 		tables[rt.typ] = i
 	}
-	txn := db.Txn(true)
-	defer txn.Abort()
+	batch := make([]restoreRecord, 0, 1024)
+	send := func() bool {
+		select {
+		case out <- batch:
+			batch = make([]restoreRecord, 0, 1024)
+			return true
+		case <-stop:
+			return false
+		}
+	}
 	for {
 		typ, err := binaryVarint(br)
 		if err != nil {
-			return nil, nil, fmt.Errorf("snapshot record type: %w", err)
+			return fmt.Errorf("snapshot record type: %w", err)
 		}
 		if typ == 0 {
-			break
+			if len(batch) > 0 && !send() {
+				return fmt.Errorf("restore abandoned")
+			}
+			return nil
 		}
 		raw, err := readRecord(br)
 		if err != nil {
-			return nil, nil, fmt.Errorf("snapshot record: %w", err)
+			return fmt.Errorf("snapshot record: %w", err)
 		}
 		i, ok := tables[pb.RecordType(typ)]
 		if !ok {
@@ -138,14 +181,13 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 		}
 		msg := recordTables[i].new()
 		if err := proto.Unmarshal(raw, msg); err != nil {
-			return nil, nil, fmt.Errorf("%w: snapshot %s record: %v", ErrInvalid, recordTables[i].table, err)
+			return fmt.Errorf("%w: snapshot %s record: %v", ErrInvalid, recordTables[i].table, err)
 		}
-		if err := txn.Insert(recordTables[i].table, msg); err != nil {
-			return nil, nil, fmt.Errorf("restore %s: %w", recordTables[i].table, err)
+		batch = append(batch, restoreRecord{recordTables[i].table, msg})
+		if len(batch) == cap(batch) && !send() {
+			return fmt.Errorf("restore abandoned")
 		}
 	}
-	txn.Commit()
-	return db, &hdr, nil
 }
 
 func binaryVarint(br *bufio.Reader) (uint64, error) {

@@ -1,0 +1,164 @@
+package raftfsm
+
+import (
+	"bufio"
+	"fmt"
+	"os"
+	"path/filepath"
+	"runtime"
+	"runtime/pprof"
+	"strconv"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+)
+
+// procStatusKiB reads a field (VmRSS, VmHWM) of /proc/self/status in KiB.
+func procStatusKiB(field string) float64 {
+	f, err := os.Open("/proc/self/status")
+	if err != nil {
+		return -1
+	}
+	defer f.Close()
+	sc := bufio.NewScanner(f)
+	for sc.Scan() {
+		if rest, ok := strings.CutPrefix(sc.Text(), field+":"); ok {
+			v, _ := strconv.ParseFloat(strings.TrimSuffix(strings.TrimSpace(rest), " kB"), 64)
+			return v
+		}
+	}
+	return -1
+}
+
+// fanGraph is one build of 100 new steps: 99 leaves and a top needing them all.
+func fanGraph(b int) *pb.SubmitBuild {
+	top := node(fmt.Sprintf("top-%d", b))
+	graph := []*pb.DerivationNode{top}
+	for i := 0; i < 99; i++ {
+		n := node(fmt.Sprintf("leaf-%d-%d", b, i))
+		top.InputDrvs = append(top.InputDrvs, n.DrvPath)
+		graph = append(graph, n)
+	}
+	return &pb.SubmitBuild{Build: &pb.Build{Id: uint64(b + 1), DrvPath: top.DrvPath, Project: "p", Jobset: "j", Job: fmt.Sprintf("job%d", b%500)}, Graph: graph}
+}
+
+// BenchmarkState1M builds a state of 1,000,000 queued steps (10,000 builds
+// of 100 steps, submitted through ApplyBatch), then reports the memory it
+// holds and the time to snapshot it to a file and restore it.
+func BenchmarkState1M(b *testing.B) {
+	const builds = 10000
+	for b.Loop() {
+		f := New(nil)
+		var idx uint64
+		var batch []*raft.Log
+		for i := 0; i < builds; i += 10 {
+			var cmds []*pb.Command
+			for j := i; j < i+10; j++ {
+				cmds = append(cmds, cmd(b, submitT, fanGraph(j), 1))
+			}
+			data, err := EncodeEntry(cmds)
+			if err != nil {
+				b.Fatal(err)
+			}
+			idx++
+			batch = append(batch, &raft.Log{Type: raft.LogCommand, Index: idx, Data: data})
+			if len(batch) == 16 || i+10 >= builds {
+				for _, r := range f.ApplyBatch(batch) {
+					if err := r.(*EntryResult).Results[0].Err; err != nil {
+						b.Fatal(err)
+					}
+				}
+				batch = batch[:0]
+			}
+		}
+		runtime.GC()
+		var ms runtime.MemStats
+		runtime.ReadMemStats(&ms)
+		heap := float64(ms.HeapInuse) / (1 << 20)
+		rss := procStatusKiB("VmRSS") / 1024
+		if p := os.Getenv("KILN_HEAP_PROFILE"); p != "" {
+			if out, err := os.Create(p); err == nil {
+				_ = pprof.WriteHeapProfile(out)
+				out.Close()
+			}
+		}
+		n := 0
+		each, _ := f.Read().StepsIn(nil, pb.StepState_STEP_STATE_RUNNABLE)
+		each(func(*pb.Step) bool { n++; return true })
+		each, _ = f.Read().StepsIn(nil, pb.StepState_STEP_STATE_WAITING)
+		each(func(*pb.Step) bool { n++; return true })
+		if n != builds*100 {
+			b.Fatalf("%d queued steps, want %d", n, builds*100)
+		}
+
+		path := filepath.Join(b.TempDir(), "snap")
+		start := time.Now()
+		snap, err := f.Snapshot()
+		if err != nil {
+			b.Fatal(err)
+		}
+		out, err := os.Create(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		sink := &fileSink{File: out}
+		if err := snap.Persist(sink); err != nil {
+			b.Fatal(err)
+		}
+		snapTime := time.Since(start)
+		info, _ := os.Stat(path)
+
+		start = time.Now()
+		in, err := os.Open(path)
+		if err != nil {
+			b.Fatal(err)
+		}
+		g := New(nil)
+		if err := g.Restore(in); err != nil {
+			b.Fatal(err)
+		}
+		restoreTime := time.Since(start)
+		if got, _ := g.Read().Step(drv("leaf-9999-98")); got == nil {
+			b.Fatal("restored state lacks a step")
+		}
+		b.ReportMetric(heap, "heap-MiB")
+		b.ReportMetric(rss, "rss-MiB")
+		b.ReportMetric(snapTime.Seconds(), "snapshot-s")
+		b.ReportMetric(restoreTime.Seconds(), "restore-s")
+		b.ReportMetric(float64(info.Size())/(1<<20), "snapshot-MiB")
+		runtime.KeepAlive(f)
+	}
+}
+
+type fileSink struct{ *os.File }
+
+func (s *fileSink) ID() string    { return "file" }
+func (s *fileSink) Cancel() error { return s.File.Close() }
+func (s *fileSink) Close() error {
+	if err := s.File.Sync(); err != nil {
+		return err
+	}
+	return s.File.Close()
+}
+
+// BenchmarkApplySubmit: small submissions (2 new steps each), 64 per entry.
+func BenchmarkApplySubmit(b *testing.B) {
+	f := New(nil)
+	var idx, id uint64
+	for b.Loop() {
+		var cmds []*pb.Command
+		for j := 0; j < 64; j++ {
+			id++
+			name := strconv.FormatUint(id, 10)
+			cmds = append(cmds, cmd(b, submitT, submit(id, "t"+name, node("t"+name, "d"+name), node("d"+name)), 1))
+		}
+		data, _ := EncodeEntry(cmds)
+		idx++
+		f.Apply(&raft.Log{Type: raft.LogCommand, Index: idx, Data: data})
+	}
+	b.ReportMetric(float64(b.Elapsed().Microseconds())/float64(id), "us/submit")
+}
