@@ -20,6 +20,7 @@ vet:
 
 test: deps vet
 	$(GO) test -count=1 -timeout 15m ./...
+	$(GO) test -race -count=1 -timeout 10m ./raftfsm ./coordinator
 
 demo: build
 	./$(BIN) dev

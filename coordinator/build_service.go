@@ -82,15 +82,9 @@ func (s buildService) GetBuild(ctx context.Context, req *connect.Request[kilnv1.
 
 func (s buildService) ListBuilds(ctx context.Context, req *connect.Request[kilnv1.ListBuildsRequest]) (*connect.Response[kilnv1.ListBuildsResponse], error) {
 	m := req.Msg
-	f := raftfsm.BuildFilter{Project: m.Project, Jobset: m.Jobset, Job: m.Job}
-	switch m.State {
-	case "":
-	case "queued":
-		f.State = pb.BuildState_BUILD_STATE_QUEUED
-	case "finished":
-		f.State = pb.BuildState_BUILD_STATE_FINISHED
-	default:
-		return nil, rpc.Error(fmt.Errorf("%w: state %q: want queued or finished", raftfsm.ErrInvalid, m.State))
+	f, err := raftfsm.NewBuildFilter(m.Project, m.Jobset, m.Job, m.State)
+	if err != nil {
+		return nil, rpc.Error(err)
 	}
 	page, perPage := max(m.Page, 1), m.PerPage
 	if perPage == 0 {

@@ -52,6 +52,23 @@ type BuildFilter struct {
 	State                pb.BuildState // UNSPECIFIED matches both
 }
 
+// NewBuildFilter makes a filter from API parameters; state is "queued",
+// "finished" or empty for both, and anything else is ErrInvalid naming the
+// valid values.
+func NewBuildFilter(project, jobset, job, state string) (BuildFilter, error) {
+	f := BuildFilter{Project: project, Jobset: jobset, Job: job}
+	switch state {
+	case "":
+	case "queued":
+		f.State = pb.BuildState_BUILD_STATE_QUEUED
+	case "finished":
+		f.State = pb.BuildState_BUILD_STATE_FINISHED
+	default:
+		return f, fmt.Errorf("%w: state %q: valid values are queued, finished", ErrInvalid, trunc(state))
+	}
+	return f, nil
+}
+
 func (f BuildFilter) match(b *pb.Build) bool {
 	return (f.Project == "" || b.Project == f.Project) &&
 		(f.Jobset == "" || b.Jobset == f.Jobset) &&

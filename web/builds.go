@@ -206,15 +206,9 @@ func (a *api) listBuilds(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 	}
-	f := raftfsm.BuildFilter{Project: q.Get("project"), Jobset: q.Get("jobset"), Job: q.Get("job")}
-	switch s := q.Get("state"); s {
-	case "":
-	case "queued":
-		f.State = pb.BuildState_BUILD_STATE_QUEUED
-	case "finished":
-		f.State = pb.BuildState_BUILD_STATE_FINISHED
-	default:
-		WriteError(w, fmt.Errorf("%w: state %q: valid values are queued, finished", raftfsm.ErrInvalid, s))
+	f, err := raftfsm.NewBuildFilter(q.Get("project"), q.Get("jobset"), q.Get("job"), q.Get("state"))
+	if err != nil {
+		WriteError(w, err)
 		return
 	}
 	page, perPage, err := pagination(q)
