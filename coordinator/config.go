@@ -35,6 +35,8 @@ type Config struct {
 	CommitTimeout      time.Duration
 	SnapshotThreshold  uint64
 	SnapshotInterval   time.Duration
+	// TrailingLogs is how many entries stay in the log after a snapshot.
+	TrailingLogs uint64
 	// ApplyTimeout bounds how long a write waits to be committed (default 10s).
 	ApplyTimeout time.Duration
 

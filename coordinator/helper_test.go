@@ -164,3 +164,10 @@ func (tc *testCluster) waitFor(timeout time.Duration, what string, cond func() b
 		}
 	}
 }
+
+// reloadTrailing returns c's reloadable Raft config with fewer trailing logs.
+func reloadTrailing(c *Coordinator, n uint64) raft.ReloadableConfig {
+	rc := c.Raft().ReloadableConfig()
+	rc.TrailingLogs = n
+	return rc
+}

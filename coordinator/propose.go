@@ -42,7 +42,7 @@ type pendingEntry struct {
 
 const (
 	maxEntryBytes = 4 << 20
-	maxInflight   = 8
+	maxInflight   = 2
 )
 
 func newProposer(r *raft.Raft, log *slog.Logger, timeout time.Duration) *proposer {
