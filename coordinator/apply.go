@@ -9,7 +9,6 @@ import (
 	"time"
 
 	"connectrpc.com/connect"
-	"github.com/hashicorp/go-memdb"
 	"github.com/hashicorp/raft"
 	"google.golang.org/protobuf/proto"
 
@@ -102,9 +101,6 @@ func (c *Coordinator) forward(ctx context.Context, cmds []*pb.Command) (*raftfsm
 		if errors.As(err, &ce) && ce.Code() == connect.CodeUnavailable && ce.Meta().Get(headerRetry) != "" {
 			return nil, fmt.Errorf("%w: %w", raftfsm.ErrNoLeader, errNotLeaderRetry)
 		}
-		if errors.As(err, &ce) && ce.Code() == connect.CodeUnavailable {
-			return nil, rpc.DomainError(err)
-		}
 		if errors.As(err, &ce) {
 			return nil, rpc.DomainError(err)
 		}
@@ -134,10 +130,7 @@ func (c *Coordinator) leaderClient(ctx context.Context) (kilnv1connect.ClusterSe
 			if id == raft.ServerID(c.id) {
 				return nil, fmt.Errorf("%w: this node leads now", errNotLeaderRetry)
 			}
-			ws := memdb.NewWatchSet()
-			r := c.fsm.Read()
-			ws.Add(r.Abandon())
-			n, err := r.Node(string(id))
+			n, err := c.fsm.Read().Node(string(id))
 			if err == nil {
 				return c.peerClient(n.HttpAddr), nil
 			}
@@ -145,7 +138,6 @@ func (c *Coordinator) leaderClient(ctx context.Context) (kilnv1connect.ClusterSe
 				return nil, err
 			}
 			// The leader has not registered its HTTP address yet.
-			ws.Add(ch)
 			if err := waitAny(ctx, ch, c.fsm.changedCh()); err != nil {
 				return nil, fmt.Errorf("%w: leader %s has no known HTTP address: %v", raftfsm.ErrNoLeader, id, err)
 			}

@@ -111,7 +111,7 @@ func (c *Coordinator) Start() error {
 		return err
 	}
 	c.parts, c.raft = parts, parts.raft
-	c.prop = newProposer(c.raft, c.log, c.cfg.ApplyTimeout)
+	c.prop = newProposer(c.raft, c.cfg.ApplyTimeout)
 
 	ctx, cancel := context.WithCancel(context.Background())
 	c.cancel = cancel

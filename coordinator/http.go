@@ -59,7 +59,6 @@ func (c *Coordinator) newHTTPServer() *http.Server {
 		IdleTimeout:       2 * time.Minute,
 		MaxHeaderBytes:    64 << 10,
 		// No WriteTimeout: it would cut long-polls and streams short.
-		BaseContext: nil,
 	}
 }
 

@@ -4,7 +4,6 @@ import (
 	"context"
 	"errors"
 	"fmt"
-	"log/slog"
 	"time"
 
 	"github.com/hashicorp/raft"
@@ -18,7 +17,6 @@ import (
 // (group commit), so many small commands share one disk sync.
 type proposer struct {
 	r        *raft.Raft
-	log      *slog.Logger
 	timeout  time.Duration
 	in       chan *proposal
 	inflight chan struct{}
@@ -45,9 +43,9 @@ const (
 	maxInflight   = 2
 )
 
-func newProposer(r *raft.Raft, log *slog.Logger, timeout time.Duration) *proposer {
+func newProposer(r *raft.Raft, timeout time.Duration) *proposer {
 	return &proposer{
-		r: r, log: log, timeout: timeout,
+		r: r, timeout: timeout,
 		in:       make(chan *proposal, 4096),
 		inflight: make(chan struct{}, maxInflight),
 		pending:  make(chan *pendingEntry, maxInflight),
