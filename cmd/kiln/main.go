@@ -37,7 +37,7 @@ func newRootCmd() *cobra.Command {
 			return applyConfig(cmd, os.LookupEnv)
 		},
 	}
-	root.AddCommand(newCoordinatorCmd(), newDevCmd())
+	root.AddCommand(newCoordinatorCmd(), newDevCmd(), newKeygenCmd())
 	return root
 }
 
