@@ -178,15 +178,24 @@ func (c *Coordinator) runObserveLoop(ctx context.Context) {
 	for {
 		select {
 		case <-ch:
-			if c.readyIndex.Load() == 0 {
-				if _, id := c.raft.LeaderWithID(); id != "" {
-					c.readyIndex.Store(max(c.raft.CommitIndex(), 1))
-				}
-			}
+			c.noteLeaderContact()
 			c.signalLeaderChange()
 		case <-ctx.Done():
 			return
 		}
+	}
+}
+
+// noteLeaderContact records, the first time a leader is known, the commit
+// index to reach before /ready answers 200. It is called from the observer
+// and from Ready itself, because the first contact can come before the
+// observer is registered.
+func (c *Coordinator) noteLeaderContact() {
+	if c.readyIndex.Load() != 0 {
+		return
+	}
+	if _, id := c.raft.LeaderWithID(); id != "" {
+		c.readyIndex.CompareAndSwap(0, max(c.raft.CommitIndex(), 1))
 	}
 }
 

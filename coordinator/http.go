@@ -69,6 +69,7 @@ func (c *Coordinator) Ready() (bool, string) {
 	if leader == "" {
 		return false, "no leader known"
 	}
+	c.noteLeaderContact()
 	target := c.readyIndex.Load()
 	if target == 0 {
 		return false, "waiting for the first contact with a leader"
