@@ -3,11 +3,13 @@ package raftfsm
 import (
 	"bytes"
 	"crypto/sha256"
+	"encoding/hex"
 	"io"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/hashicorp/raft"
+	"github.com/nix-community/go-nix/pkg/nixbase32"
 	"google.golang.org/protobuf/proto"
 	"google.golang.org/protobuf/testing/protocmp"
 
@@ -22,6 +24,24 @@ func storePath(name string) string {
 		b[i] = nixBase32Alphabet[int(h[i])%32]
 	}
 	return "/nix/store/" + string(b) + "-" + name
+}
+
+// testBlob is a deterministic blob name for a string.
+func testBlob(s string) string {
+	h := sha256.Sum256([]byte(s))
+	return hex.EncodeToString(h[:])
+}
+
+// testNarInfo is a valid record for path; its hashes are made up.
+func testNarInfo(path string, refs ...string) *pb.NarInfo {
+	fd := sha256.Sum256([]byte("file " + path))
+	nd := sha256.Sum256([]byte("nar " + path))
+	return &pb.NarInfo{
+		StorePath: path, Compression: "zstd", Url: NarURL(fd[:]),
+		FileHash: "sha256:" + nixbase32.EncodeToString(fd[:]), FileSize: 100,
+		NarHash: "sha256:" + nixbase32.EncodeToString(nd[:]), NarSize: 300,
+		References: refs, Blob: hex.EncodeToString(fd[:]),
+	}
 }
 
 func drv(name string) string { return storePath(name + ".drv") }

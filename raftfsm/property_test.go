@@ -3,6 +3,8 @@ package raftfsm
 import (
 	"fmt"
 	"math/rand/v2"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -78,6 +80,9 @@ func (g *gen) command(now int64) *pb.Command {
 		}
 		return cmd
 	}
+	if g.r.IntN(8) == 0 {
+		return g.cacheCommand(c)
+	}
 	switch k := g.r.IntN(100); {
 	case k < 25: // submit
 		i := g.r.IntN(len(g.pool))
@@ -140,6 +145,32 @@ func (g *gen) command(now int64) *pb.Command {
 	return c(pb.CommandType_COMMAND_TYPE_NOOP, &pb.Noop{})
 }
 
+// cacheCommand pushes, pins, unpins, logs or collects garbage on outputs of the pool.
+func (g *gen) cacheCommand(c func(pb.CommandType, proto.Message) *pb.Command) *pb.Command {
+	i := g.r.IntN(len(g.pool))
+	n := g.pool[i]
+	switch g.r.IntN(6) {
+	case 0, 1:
+		var refs []string
+		for _, in := range n.InputDrvs {
+			refs = append(refs, strings.TrimPrefix(strings.TrimSuffix(in, ".drv"), StoreDir+"/"))
+		}
+		slices.Sort(refs)
+		ni := testNarInfo(n.Outputs[0].Path, refs...)
+		if g.r.IntN(6) == 0 {
+			ni.Url = "nar/bad.nar.zst"
+		}
+		return c(pb.CommandType_COMMAND_TYPE_PUT_NAR_INFO, &pb.PutNarInfo{NarInfo: ni})
+	case 2:
+		return c(pb.CommandType_COMMAND_TYPE_PIN_PATH, &pb.PinPath{Pin: &pb.Pin{StorePath: n.Outputs[0].Path, Reason: "r"}})
+	case 3:
+		return c(pb.CommandType_COMMAND_TYPE_UNPIN_PATH, &pb.UnpinPath{StorePath: n.Outputs[0].Path})
+	case 4:
+		return c(pb.CommandType_COMMAND_TYPE_PUT_LOG, &pb.PutLog{Log: &pb.LogRecord{DrvPath: n.DrvPath, Blob: testBlob(n.DrvPath), Size: 10}})
+	}
+	return c(pb.CommandType_COMMAND_TYPE_COLLECT_GARBAGE, &pb.CollectGarbage{GraceSeconds: int64(g.r.IntN(4)), MaxDeletes: uint32(1 + g.r.IntN(4))})
+}
+
 type resultKey struct {
 	ID   uint64
 	Kind string
@@ -187,7 +218,7 @@ func TestPropertyReplayAndSnapshot(t *testing.T) {
 			}
 			checkInvariants(t, a)
 			// Meaningful mix: successes of the important commands and errors.
-			for _, k := range []string{"COMMAND_TYPE_SUBMIT_BUILD", "COMMAND_TYPE_GRANT_LEASE", "COMMAND_TYPE_COMPLETE_LEASE", "error:invalid", "error:stale_lease"} {
+			for _, k := range []string{"COMMAND_TYPE_SUBMIT_BUILD", "COMMAND_TYPE_GRANT_LEASE", "COMMAND_TYPE_COMPLETE_LEASE", "COMMAND_TYPE_PUT_NAR_INFO", "COMMAND_TYPE_COLLECT_GARBAGE", "error:invalid", "error:stale_lease"} {
 				if transitions[k] == 0 {
 					t.Errorf("seed %d never produced %s: %v", seed, k, transitions)
 				}

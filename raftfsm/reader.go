@@ -224,6 +224,9 @@ type Dump struct {
 	Steps    []*pb.Step
 	Builds   []*pb.Build
 	Leases   []*pb.Lease
+	NarInfos []*pb.NarInfo
+	Logs     []*pb.LogRecord
+	Pins     []*pb.Pin
 }
 
 // Dump copies out the whole state.
@@ -251,5 +254,77 @@ func (r *Reader) Dump() (*Dump, error) {
 	if d.Leases, err = r.Leases(); err != nil {
 		return nil, err
 	}
+	if d.NarInfos, err = all[*pb.NarInfo](r.txn.Get(tableNarInfos, "id")); err != nil {
+		return nil, err
+	}
+	if d.Logs, err = all[*pb.LogRecord](r.txn.Get(tableLogs, "id")); err != nil {
+		return nil, err
+	}
+	if d.Pins, err = r.Pins(); err != nil {
+		return nil, err
+	}
 	return d, nil
+}
+
+// NarInfo returns the record of the store path with this hash part, or ErrNotFound.
+func (r *Reader) NarInfo(hashPart string) (*pb.NarInfo, error) {
+	n, err := first[*pb.NarInfo](r, tableNarInfos, "id", hashPart)
+	if err == nil && n == nil {
+		err = fmt.Errorf("%w: no narinfo for %q", ErrNotFound, trunc(hashPart))
+	}
+	return n, err
+}
+
+// Log returns the log record of a derivation, or ErrNotFound.
+func (r *Reader) Log(drvPath string) (*pb.LogRecord, error) {
+	l, err := first[*pb.LogRecord](r, tableLogs, "id", drvPath)
+	if err == nil && l == nil {
+		err = fmt.Errorf("%w: no log for %q", ErrNotFound, trunc(drvPath))
+	}
+	return l, err
+}
+
+// Pins lists pinned paths.
+func (r *Reader) Pins() ([]*pb.Pin, error) { return all[*pb.Pin](r.txn.Get(tablePins, "id")) }
+
+// BlobReferenced reports whether a narinfo or log record names the blob.
+func (r *Reader) BlobReferenced(blob string) (bool, error) {
+	for _, t := range []string{tableNarInfos, tableLogs} {
+		o, err := r.txn.First(t, "blob", blob)
+		if err != nil {
+			return false, err
+		}
+		if o != nil {
+			return true, nil
+		}
+	}
+	return false, nil
+}
+
+// EachBlob calls fn with every blob a record names (narinfo, then logs),
+// in key order, until fn returns false. ws, when not nil, is told about
+// changes to either table.
+func (r *Reader) EachBlob(ws memdb.WatchSet, fn func(blob string) bool) error {
+	for _, t := range []string{tableNarInfos, tableLogs} {
+		it, err := r.txn.Get(t, "id")
+		if err != nil {
+			return err
+		}
+		if ws != nil {
+			ws.Add(it.WatchCh())
+		}
+		for o := it.Next(); o != nil; o = it.Next() {
+			var b string
+			switch v := o.(type) {
+			case *pb.NarInfo:
+				b = v.Blob
+			case *pb.LogRecord:
+				b = v.Blob
+			}
+			if !fn(b) {
+				return nil
+			}
+		}
+	}
+	return nil
 }

@@ -19,6 +19,9 @@ const (
 	tableSteps    = "steps"
 	tableLeases   = "leases"
 	tableNodes    = "nodes"
+	tableNarInfos = "narinfos"
+	tableLogs     = "logs"
+	tablePins     = "pins"
 )
 
 // keyFunc builds an index key from an object; argsFunc from query arguments.
@@ -180,6 +183,27 @@ func schema() *memdb.DBSchema {
 			}, uintArgs),
 			"agent": idx("agent", false, func(o any) ([]byte, bool, error) {
 				return strKey(o.(*pb.Lease).AgentId), true, nil
+			}, stringsArgs),
+		}},
+		tableNarInfos: {Name: tableNarInfos, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(o any) ([]byte, bool, error) {
+				return strKey(HashPart(o.(*pb.NarInfo).StorePath)), true, nil
+			}, stringsArgs),
+			"blob": idx("blob", false, func(o any) ([]byte, bool, error) {
+				return strKey(o.(*pb.NarInfo).Blob), true, nil
+			}, stringsArgs),
+		}},
+		tableLogs: {Name: tableLogs, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(o any) ([]byte, bool, error) {
+				return strKey(o.(*pb.LogRecord).DrvPath), true, nil
+			}, stringsArgs),
+			"blob": idx("blob", false, func(o any) ([]byte, bool, error) {
+				return strKey(o.(*pb.LogRecord).Blob), true, nil
+			}, stringsArgs),
+		}},
+		tablePins: {Name: tablePins, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(o any) ([]byte, bool, error) {
+				return strKey(o.(*pb.Pin).StorePath), true, nil
 			}, stringsArgs),
 		}},
 		tableNodes: {Name: tableNodes, Indexes: map[string]*memdb.IndexSchema{

@@ -35,6 +35,9 @@ var recordTables = []struct {
 	{pb.RecordType_RECORD_TYPE_STEP, tableSteps, func() proto.Message { return &pb.Step{} }},
 	{pb.RecordType_RECORD_TYPE_BUILD, tableBuilds, func() proto.Message { return &pb.Build{} }},
 	{pb.RecordType_RECORD_TYPE_LEASE, tableLeases, func() proto.Message { return &pb.Lease{} }},
+	{pb.RecordType_RECORD_TYPE_NAR_INFO, tableNarInfos, func() proto.Message { return &pb.NarInfo{} }},
+	{pb.RecordType_RECORD_TYPE_LOG, tableLogs, func() proto.Message { return &pb.LogRecord{} }},
+	{pb.RecordType_RECORD_TYPE_PIN, tablePins, func() proto.Message { return &pb.Pin{} }},
 }
 
 type snapshot struct {

@@ -137,19 +137,24 @@ func (StepState) EnumDescriptor() ([]byte, []int) {
 type CommandType int32
 
 const (
-	CommandType_COMMAND_TYPE_UNSPECIFIED    CommandType = 0
-	CommandType_COMMAND_TYPE_NOOP           CommandType = 1
-	CommandType_COMMAND_TYPE_SUBMIT_BUILD   CommandType = 2
-	CommandType_COMMAND_TYPE_CANCEL_BUILD   CommandType = 3
-	CommandType_COMMAND_TYPE_PUT_PROJECT    CommandType = 4
-	CommandType_COMMAND_TYPE_DELETE_PROJECT CommandType = 5
-	CommandType_COMMAND_TYPE_PUT_JOBSET     CommandType = 6
-	CommandType_COMMAND_TYPE_DELETE_JOBSET  CommandType = 7
-	CommandType_COMMAND_TYPE_PUT_NODE       CommandType = 8
-	CommandType_COMMAND_TYPE_DELETE_NODE    CommandType = 9
-	CommandType_COMMAND_TYPE_GRANT_LEASE    CommandType = 10
-	CommandType_COMMAND_TYPE_COMPLETE_LEASE CommandType = 11
-	CommandType_COMMAND_TYPE_EXPIRE_LEASE   CommandType = 12
+	CommandType_COMMAND_TYPE_UNSPECIFIED     CommandType = 0
+	CommandType_COMMAND_TYPE_NOOP            CommandType = 1
+	CommandType_COMMAND_TYPE_SUBMIT_BUILD    CommandType = 2
+	CommandType_COMMAND_TYPE_CANCEL_BUILD    CommandType = 3
+	CommandType_COMMAND_TYPE_PUT_PROJECT     CommandType = 4
+	CommandType_COMMAND_TYPE_DELETE_PROJECT  CommandType = 5
+	CommandType_COMMAND_TYPE_PUT_JOBSET      CommandType = 6
+	CommandType_COMMAND_TYPE_DELETE_JOBSET   CommandType = 7
+	CommandType_COMMAND_TYPE_PUT_NODE        CommandType = 8
+	CommandType_COMMAND_TYPE_DELETE_NODE     CommandType = 9
+	CommandType_COMMAND_TYPE_GRANT_LEASE     CommandType = 10
+	CommandType_COMMAND_TYPE_COMPLETE_LEASE  CommandType = 11
+	CommandType_COMMAND_TYPE_EXPIRE_LEASE    CommandType = 12
+	CommandType_COMMAND_TYPE_PUT_NAR_INFO    CommandType = 13
+	CommandType_COMMAND_TYPE_PUT_LOG         CommandType = 14
+	CommandType_COMMAND_TYPE_PIN_PATH        CommandType = 15
+	CommandType_COMMAND_TYPE_UNPIN_PATH      CommandType = 16
+	CommandType_COMMAND_TYPE_COLLECT_GARBAGE CommandType = 17
 )
 
 // Enum value maps for CommandType.
@@ -168,21 +173,31 @@ var (
 		10: "COMMAND_TYPE_GRANT_LEASE",
 		11: "COMMAND_TYPE_COMPLETE_LEASE",
 		12: "COMMAND_TYPE_EXPIRE_LEASE",
+		13: "COMMAND_TYPE_PUT_NAR_INFO",
+		14: "COMMAND_TYPE_PUT_LOG",
+		15: "COMMAND_TYPE_PIN_PATH",
+		16: "COMMAND_TYPE_UNPIN_PATH",
+		17: "COMMAND_TYPE_COLLECT_GARBAGE",
 	}
 	CommandType_value = map[string]int32{
-		"COMMAND_TYPE_UNSPECIFIED":    0,
-		"COMMAND_TYPE_NOOP":           1,
-		"COMMAND_TYPE_SUBMIT_BUILD":   2,
-		"COMMAND_TYPE_CANCEL_BUILD":   3,
-		"COMMAND_TYPE_PUT_PROJECT":    4,
-		"COMMAND_TYPE_DELETE_PROJECT": 5,
-		"COMMAND_TYPE_PUT_JOBSET":     6,
-		"COMMAND_TYPE_DELETE_JOBSET":  7,
-		"COMMAND_TYPE_PUT_NODE":       8,
-		"COMMAND_TYPE_DELETE_NODE":    9,
-		"COMMAND_TYPE_GRANT_LEASE":    10,
-		"COMMAND_TYPE_COMPLETE_LEASE": 11,
-		"COMMAND_TYPE_EXPIRE_LEASE":   12,
+		"COMMAND_TYPE_UNSPECIFIED":     0,
+		"COMMAND_TYPE_NOOP":            1,
+		"COMMAND_TYPE_SUBMIT_BUILD":    2,
+		"COMMAND_TYPE_CANCEL_BUILD":    3,
+		"COMMAND_TYPE_PUT_PROJECT":     4,
+		"COMMAND_TYPE_DELETE_PROJECT":  5,
+		"COMMAND_TYPE_PUT_JOBSET":      6,
+		"COMMAND_TYPE_DELETE_JOBSET":   7,
+		"COMMAND_TYPE_PUT_NODE":        8,
+		"COMMAND_TYPE_DELETE_NODE":     9,
+		"COMMAND_TYPE_GRANT_LEASE":     10,
+		"COMMAND_TYPE_COMPLETE_LEASE":  11,
+		"COMMAND_TYPE_EXPIRE_LEASE":    12,
+		"COMMAND_TYPE_PUT_NAR_INFO":    13,
+		"COMMAND_TYPE_PUT_LOG":         14,
+		"COMMAND_TYPE_PIN_PATH":        15,
+		"COMMAND_TYPE_UNPIN_PATH":      16,
+		"COMMAND_TYPE_COLLECT_GARBAGE": 17,
 	}
 )
 
@@ -279,19 +294,25 @@ const (
 	RecordType_RECORD_TYPE_STEP        RecordType = 5
 	RecordType_RECORD_TYPE_LEASE       RecordType = 6
 	RecordType_RECORD_TYPE_NODE        RecordType = 7
+	RecordType_RECORD_TYPE_NAR_INFO    RecordType = 8
+	RecordType_RECORD_TYPE_LOG         RecordType = 9
+	RecordType_RECORD_TYPE_PIN         RecordType = 10
 )
 
 // Enum value maps for RecordType.
 var (
 	RecordType_name = map[int32]string{
-		0: "RECORD_TYPE_UNSPECIFIED",
-		1: "RECORD_TYPE_PROJECT",
-		2: "RECORD_TYPE_JOBSET",
-		3: "RECORD_TYPE_EVAL",
-		4: "RECORD_TYPE_BUILD",
-		5: "RECORD_TYPE_STEP",
-		6: "RECORD_TYPE_LEASE",
-		7: "RECORD_TYPE_NODE",
+		0:  "RECORD_TYPE_UNSPECIFIED",
+		1:  "RECORD_TYPE_PROJECT",
+		2:  "RECORD_TYPE_JOBSET",
+		3:  "RECORD_TYPE_EVAL",
+		4:  "RECORD_TYPE_BUILD",
+		5:  "RECORD_TYPE_STEP",
+		6:  "RECORD_TYPE_LEASE",
+		7:  "RECORD_TYPE_NODE",
+		8:  "RECORD_TYPE_NAR_INFO",
+		9:  "RECORD_TYPE_LOG",
+		10: "RECORD_TYPE_PIN",
 	}
 	RecordType_value = map[string]int32{
 		"RECORD_TYPE_UNSPECIFIED": 0,
@@ -302,6 +323,9 @@ var (
 		"RECORD_TYPE_STEP":        5,
 		"RECORD_TYPE_LEASE":       6,
 		"RECORD_TYPE_NODE":        7,
+		"RECORD_TYPE_NAR_INFO":    8,
+		"RECORD_TYPE_LOG":         9,
+		"RECORD_TYPE_PIN":         10,
 	}
 )
 
@@ -1489,6 +1513,286 @@ func (x *Node) GetHttpAddr() string {
 	return ""
 }
 
+// A store path in the binary cache: what its .narinfo says, and the blob
+// (SHA-256 hex of the compressed file) holding its NAR.
+type NarInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	StorePath     string                 `protobuf:"bytes,1,opt,name=store_path,json=storePath,proto3" json:"store_path,omitempty"`
+	Url           string                 `protobuf:"bytes,2,opt,name=url,proto3" json:"url,omitempty"` // nar/<file hash, nixbase32>.nar.zst
+	Compression   string                 `protobuf:"bytes,3,opt,name=compression,proto3" json:"compression,omitempty"`
+	FileHash      string                 `protobuf:"bytes,4,opt,name=file_hash,json=fileHash,proto3" json:"file_hash,omitempty"` // sha256:<nixbase32>
+	FileSize      uint64                 `protobuf:"varint,5,opt,name=file_size,json=fileSize,proto3" json:"file_size,omitempty"`
+	NarHash       string                 `protobuf:"bytes,6,opt,name=nar_hash,json=narHash,proto3" json:"nar_hash,omitempty"` // sha256:<nixbase32>
+	NarSize       uint64                 `protobuf:"varint,7,opt,name=nar_size,json=narSize,proto3" json:"nar_size,omitempty"`
+	References    []string               `protobuf:"bytes,8,rep,name=references,proto3" json:"references,omitempty"` // store path basenames, sorted
+	Deriver       string                 `protobuf:"bytes,9,opt,name=deriver,proto3" json:"deriver,omitempty"`       // basename, "" when unknown
+	Sigs          []string               `protobuf:"bytes,10,rep,name=sigs,proto3" json:"sigs,omitempty"`
+	Ca            string                 `protobuf:"bytes,11,opt,name=ca,proto3" json:"ca,omitempty"`
+	Blob          string                 `protobuf:"bytes,12,opt,name=blob,proto3" json:"blob,omitempty"`
+	CreatedAt     int64                  `protobuf:"varint,13,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	System        string                 `protobuf:"bytes,14,opt,name=system,proto3" json:"system,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NarInfo) Reset() {
+	*x = NarInfo{}
+	mi := &file_fsm_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NarInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NarInfo) ProtoMessage() {}
+
+func (x *NarInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NarInfo.ProtoReflect.Descriptor instead.
+func (*NarInfo) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *NarInfo) GetStorePath() string {
+	if x != nil {
+		return x.StorePath
+	}
+	return ""
+}
+
+func (x *NarInfo) GetUrl() string {
+	if x != nil {
+		return x.Url
+	}
+	return ""
+}
+
+func (x *NarInfo) GetCompression() string {
+	if x != nil {
+		return x.Compression
+	}
+	return ""
+}
+
+func (x *NarInfo) GetFileHash() string {
+	if x != nil {
+		return x.FileHash
+	}
+	return ""
+}
+
+func (x *NarInfo) GetFileSize() uint64 {
+	if x != nil {
+		return x.FileSize
+	}
+	return 0
+}
+
+func (x *NarInfo) GetNarHash() string {
+	if x != nil {
+		return x.NarHash
+	}
+	return ""
+}
+
+func (x *NarInfo) GetNarSize() uint64 {
+	if x != nil {
+		return x.NarSize
+	}
+	return 0
+}
+
+func (x *NarInfo) GetReferences() []string {
+	if x != nil {
+		return x.References
+	}
+	return nil
+}
+
+func (x *NarInfo) GetDeriver() string {
+	if x != nil {
+		return x.Deriver
+	}
+	return ""
+}
+
+func (x *NarInfo) GetSigs() []string {
+	if x != nil {
+		return x.Sigs
+	}
+	return nil
+}
+
+func (x *NarInfo) GetCa() string {
+	if x != nil {
+		return x.Ca
+	}
+	return ""
+}
+
+func (x *NarInfo) GetBlob() string {
+	if x != nil {
+		return x.Blob
+	}
+	return ""
+}
+
+func (x *NarInfo) GetCreatedAt() int64 {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return 0
+}
+
+func (x *NarInfo) GetSystem() string {
+	if x != nil {
+		return x.System
+	}
+	return ""
+}
+
+// A finished build log, stored zstd-compressed as a blob.
+type LogRecord struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	DrvPath       string                 `protobuf:"bytes,1,opt,name=drv_path,json=drvPath,proto3" json:"drv_path,omitempty"`
+	Blob          string                 `protobuf:"bytes,2,opt,name=blob,proto3" json:"blob,omitempty"`
+	Size          uint64                 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"` // uncompressed bytes
+	CreatedAt     int64                  `protobuf:"varint,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LogRecord) Reset() {
+	*x = LogRecord{}
+	mi := &file_fsm_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LogRecord) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LogRecord) ProtoMessage() {}
+
+func (x *LogRecord) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LogRecord.ProtoReflect.Descriptor instead.
+func (*LogRecord) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *LogRecord) GetDrvPath() string {
+	if x != nil {
+		return x.DrvPath
+	}
+	return ""
+}
+
+func (x *LogRecord) GetBlob() string {
+	if x != nil {
+		return x.Blob
+	}
+	return ""
+}
+
+func (x *LogRecord) GetSize() uint64 {
+	if x != nil {
+		return x.Size
+	}
+	return 0
+}
+
+func (x *LogRecord) GetCreatedAt() int64 {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return 0
+}
+
+// A store path kept by the cache GC whatever else happens.
+type Pin struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	StorePath     string                 `protobuf:"bytes,1,opt,name=store_path,json=storePath,proto3" json:"store_path,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	CreatedAt     int64                  `protobuf:"varint,3,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *Pin) Reset() {
+	*x = Pin{}
+	mi := &file_fsm_proto_msgTypes[13]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Pin) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Pin) ProtoMessage() {}
+
+func (x *Pin) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[13]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Pin.ProtoReflect.Descriptor instead.
+func (*Pin) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{13}
+}
+
+func (x *Pin) GetStorePath() string {
+	if x != nil {
+		return x.StorePath
+	}
+	return ""
+}
+
+func (x *Pin) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *Pin) GetCreatedAt() int64 {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return 0
+}
+
 // The envelope of one command. A node that does not know `type` skips the
 // command when `ignorable` is set and refuses the entry otherwise.
 type Command struct {
@@ -1503,7 +1807,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_fsm_proto_msgTypes[11]
+	mi := &file_fsm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1515,7 +1819,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[11]
+	mi := &file_fsm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1528,7 +1832,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{11}
+	return file_fsm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Command) GetType() CommandType {
@@ -1569,7 +1873,7 @@ type Entry struct {
 
 func (x *Entry) Reset() {
 	*x = Entry{}
-	mi := &file_fsm_proto_msgTypes[12]
+	mi := &file_fsm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1581,7 +1885,7 @@ func (x *Entry) String() string {
 func (*Entry) ProtoMessage() {}
 
 func (x *Entry) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[12]
+	mi := &file_fsm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1594,7 +1898,7 @@ func (x *Entry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Entry.ProtoReflect.Descriptor instead.
 func (*Entry) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{12}
+	return file_fsm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Entry) GetCommands() []*Command {
@@ -1612,7 +1916,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_fsm_proto_msgTypes[13]
+	mi := &file_fsm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1624,7 +1928,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[13]
+	mi := &file_fsm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1637,7 +1941,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{13}
+	return file_fsm_proto_rawDescGZIP(), []int{16}
 }
 
 type DerivationNode struct {
@@ -1653,7 +1957,7 @@ type DerivationNode struct {
 
 func (x *DerivationNode) Reset() {
 	*x = DerivationNode{}
-	mi := &file_fsm_proto_msgTypes[14]
+	mi := &file_fsm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1665,7 +1969,7 @@ func (x *DerivationNode) String() string {
 func (*DerivationNode) ProtoMessage() {}
 
 func (x *DerivationNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[14]
+	mi := &file_fsm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1678,7 +1982,7 @@ func (x *DerivationNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DerivationNode.ProtoReflect.Descriptor instead.
 func (*DerivationNode) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{14}
+	return file_fsm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *DerivationNode) GetDrvPath() string {
@@ -1726,7 +2030,7 @@ type SubmitBuild struct {
 
 func (x *SubmitBuild) Reset() {
 	*x = SubmitBuild{}
-	mi := &file_fsm_proto_msgTypes[15]
+	mi := &file_fsm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1738,7 +2042,7 @@ func (x *SubmitBuild) String() string {
 func (*SubmitBuild) ProtoMessage() {}
 
 func (x *SubmitBuild) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[15]
+	mi := &file_fsm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1751,7 +2055,7 @@ func (x *SubmitBuild) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitBuild.ProtoReflect.Descriptor instead.
 func (*SubmitBuild) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{15}
+	return file_fsm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *SubmitBuild) GetBuild() *Build {
@@ -1778,7 +2082,7 @@ type CancelBuild struct {
 
 func (x *CancelBuild) Reset() {
 	*x = CancelBuild{}
-	mi := &file_fsm_proto_msgTypes[16]
+	mi := &file_fsm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1790,7 +2094,7 @@ func (x *CancelBuild) String() string {
 func (*CancelBuild) ProtoMessage() {}
 
 func (x *CancelBuild) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[16]
+	mi := &file_fsm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1803,7 +2107,7 @@ func (x *CancelBuild) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBuild.ProtoReflect.Descriptor instead.
 func (*CancelBuild) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{16}
+	return file_fsm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *CancelBuild) GetId() uint64 {
@@ -1829,7 +2133,7 @@ type PutProject struct {
 
 func (x *PutProject) Reset() {
 	*x = PutProject{}
-	mi := &file_fsm_proto_msgTypes[17]
+	mi := &file_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1841,7 +2145,7 @@ func (x *PutProject) String() string {
 func (*PutProject) ProtoMessage() {}
 
 func (x *PutProject) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[17]
+	mi := &file_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1854,7 +2158,7 @@ func (x *PutProject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutProject.ProtoReflect.Descriptor instead.
 func (*PutProject) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{17}
+	return file_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *PutProject) GetProject() *Project {
@@ -1873,7 +2177,7 @@ type DeleteProject struct {
 
 func (x *DeleteProject) Reset() {
 	*x = DeleteProject{}
-	mi := &file_fsm_proto_msgTypes[18]
+	mi := &file_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1885,7 +2189,7 @@ func (x *DeleteProject) String() string {
 func (*DeleteProject) ProtoMessage() {}
 
 func (x *DeleteProject) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[18]
+	mi := &file_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1898,7 +2202,7 @@ func (x *DeleteProject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteProject.ProtoReflect.Descriptor instead.
 func (*DeleteProject) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{18}
+	return file_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *DeleteProject) GetName() string {
@@ -1917,7 +2221,7 @@ type PutJobset struct {
 
 func (x *PutJobset) Reset() {
 	*x = PutJobset{}
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1929,7 +2233,7 @@ func (x *PutJobset) String() string {
 func (*PutJobset) ProtoMessage() {}
 
 func (x *PutJobset) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1942,7 +2246,7 @@ func (x *PutJobset) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutJobset.ProtoReflect.Descriptor instead.
 func (*PutJobset) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{19}
+	return file_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *PutJobset) GetJobset() *Jobset {
@@ -1962,7 +2266,7 @@ type DeleteJobset struct {
 
 func (x *DeleteJobset) Reset() {
 	*x = DeleteJobset{}
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1974,7 +2278,7 @@ func (x *DeleteJobset) String() string {
 func (*DeleteJobset) ProtoMessage() {}
 
 func (x *DeleteJobset) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1987,7 +2291,7 @@ func (x *DeleteJobset) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteJobset.ProtoReflect.Descriptor instead.
 func (*DeleteJobset) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{20}
+	return file_fsm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DeleteJobset) GetProject() string {
@@ -2013,7 +2317,7 @@ type PutNode struct {
 
 func (x *PutNode) Reset() {
 	*x = PutNode{}
-	mi := &file_fsm_proto_msgTypes[21]
+	mi := &file_fsm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2025,7 +2329,7 @@ func (x *PutNode) String() string {
 func (*PutNode) ProtoMessage() {}
 
 func (x *PutNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[21]
+	mi := &file_fsm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2038,7 +2342,7 @@ func (x *PutNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutNode.ProtoReflect.Descriptor instead.
 func (*PutNode) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{21}
+	return file_fsm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PutNode) GetNode() *Node {
@@ -2057,7 +2361,7 @@ type DeleteNode struct {
 
 func (x *DeleteNode) Reset() {
 	*x = DeleteNode{}
-	mi := &file_fsm_proto_msgTypes[22]
+	mi := &file_fsm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2069,7 +2373,7 @@ func (x *DeleteNode) String() string {
 func (*DeleteNode) ProtoMessage() {}
 
 func (x *DeleteNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[22]
+	mi := &file_fsm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2082,7 +2386,7 @@ func (x *DeleteNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNode.ProtoReflect.Descriptor instead.
 func (*DeleteNode) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{22}
+	return file_fsm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *DeleteNode) GetId() string {
@@ -2103,7 +2407,7 @@ type GrantLease struct {
 
 func (x *GrantLease) Reset() {
 	*x = GrantLease{}
-	mi := &file_fsm_proto_msgTypes[23]
+	mi := &file_fsm_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2115,7 +2419,7 @@ func (x *GrantLease) String() string {
 func (*GrantLease) ProtoMessage() {}
 
 func (x *GrantLease) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[23]
+	mi := &file_fsm_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2128,7 +2432,7 @@ func (x *GrantLease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GrantLease.ProtoReflect.Descriptor instead.
 func (*GrantLease) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{23}
+	return file_fsm_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *GrantLease) GetAgentId() string {
@@ -2165,7 +2469,7 @@ type CompleteLease struct {
 
 func (x *CompleteLease) Reset() {
 	*x = CompleteLease{}
-	mi := &file_fsm_proto_msgTypes[24]
+	mi := &file_fsm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2177,7 +2481,7 @@ func (x *CompleteLease) String() string {
 func (*CompleteLease) ProtoMessage() {}
 
 func (x *CompleteLease) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[24]
+	mi := &file_fsm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2190,7 +2494,7 @@ func (x *CompleteLease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteLease.ProtoReflect.Descriptor instead.
 func (*CompleteLease) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{24}
+	return file_fsm_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *CompleteLease) GetLeaseId() uint64 {
@@ -2240,7 +2544,7 @@ type ExpireLease struct {
 
 func (x *ExpireLease) Reset() {
 	*x = ExpireLease{}
-	mi := &file_fsm_proto_msgTypes[25]
+	mi := &file_fsm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2252,7 +2556,7 @@ func (x *ExpireLease) String() string {
 func (*ExpireLease) ProtoMessage() {}
 
 func (x *ExpireLease) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[25]
+	mi := &file_fsm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2265,7 +2569,7 @@ func (x *ExpireLease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireLease.ProtoReflect.Descriptor instead.
 func (*ExpireLease) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{25}
+	return file_fsm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *ExpireLease) GetLeaseId() uint64 {
@@ -2296,6 +2600,241 @@ func (x *ExpireLease) GetBackoffSeconds() int64 {
 	return 0
 }
 
+// PutNarInfo records a path whose blob a quorum holds. A path already
+// recorded keeps its first record (as a Nix binary cache does).
+type PutNarInfo struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NarInfo       *NarInfo               `protobuf:"bytes,1,opt,name=nar_info,json=narInfo,proto3" json:"nar_info,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutNarInfo) Reset() {
+	*x = PutNarInfo{}
+	mi := &file_fsm_proto_msgTypes[29]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutNarInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutNarInfo) ProtoMessage() {}
+
+func (x *PutNarInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[29]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutNarInfo.ProtoReflect.Descriptor instead.
+func (*PutNarInfo) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{29}
+}
+
+func (x *PutNarInfo) GetNarInfo() *NarInfo {
+	if x != nil {
+		return x.NarInfo
+	}
+	return nil
+}
+
+type PutLog struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Log           *LogRecord             `protobuf:"bytes,1,opt,name=log,proto3" json:"log,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutLog) Reset() {
+	*x = PutLog{}
+	mi := &file_fsm_proto_msgTypes[30]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutLog) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutLog) ProtoMessage() {}
+
+func (x *PutLog) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[30]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutLog.ProtoReflect.Descriptor instead.
+func (*PutLog) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{30}
+}
+
+func (x *PutLog) GetLog() *LogRecord {
+	if x != nil {
+		return x.Log
+	}
+	return nil
+}
+
+type PinPath struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Pin           *Pin                   `protobuf:"bytes,1,opt,name=pin,proto3" json:"pin,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PinPath) Reset() {
+	*x = PinPath{}
+	mi := &file_fsm_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PinPath) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PinPath) ProtoMessage() {}
+
+func (x *PinPath) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PinPath.ProtoReflect.Descriptor instead.
+func (*PinPath) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *PinPath) GetPin() *Pin {
+	if x != nil {
+		return x.Pin
+	}
+	return nil
+}
+
+type UnpinPath struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	StorePath     string                 `protobuf:"bytes,1,opt,name=store_path,json=storePath,proto3" json:"store_path,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *UnpinPath) Reset() {
+	*x = UnpinPath{}
+	mi := &file_fsm_proto_msgTypes[32]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *UnpinPath) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*UnpinPath) ProtoMessage() {}
+
+func (x *UnpinPath) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[32]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use UnpinPath.ProtoReflect.Descriptor instead.
+func (*UnpinPath) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{32}
+}
+
+func (x *UnpinPath) GetStorePath() string {
+	if x != nil {
+		return x.StorePath
+	}
+	return ""
+}
+
+// CollectGarbage deletes, deterministically on every replica, the narinfo
+// and log records no root reaches. Roots: outputs of steps that unfinished
+// builds need, outputs of builds in the latest keep_nr evaluations of each
+// jobset, pinned paths, and records younger than grace_seconds. At most
+// max_deletes records go per command; the result ID is how many went.
+type CollectGarbage struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GraceSeconds  int64                  `protobuf:"varint,1,opt,name=grace_seconds,json=graceSeconds,proto3" json:"grace_seconds,omitempty"`
+	MaxDeletes    uint32                 `protobuf:"varint,2,opt,name=max_deletes,json=maxDeletes,proto3" json:"max_deletes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CollectGarbage) Reset() {
+	*x = CollectGarbage{}
+	mi := &file_fsm_proto_msgTypes[33]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CollectGarbage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CollectGarbage) ProtoMessage() {}
+
+func (x *CollectGarbage) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[33]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CollectGarbage.ProtoReflect.Descriptor instead.
+func (*CollectGarbage) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{33}
+}
+
+func (x *CollectGarbage) GetGraceSeconds() int64 {
+	if x != nil {
+		return x.GraceSeconds
+	}
+	return 0
+}
+
+func (x *CollectGarbage) GetMaxDeletes() uint32 {
+	if x != nil {
+		return x.MaxDeletes
+	}
+	return 0
+}
+
 type SnapshotHeader struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
@@ -2309,7 +2848,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_fsm_proto_msgTypes[26]
+	mi := &file_fsm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2321,7 +2860,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[26]
+	mi := &file_fsm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2334,7 +2873,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{26}
+	return file_fsm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *SnapshotHeader) GetVersion() uint32 {
@@ -2504,7 +3043,39 @@ const file_fsm_proto_rawDesc = "" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +
-	"\thttp_addr\x18\x03 \x01(\tR\bhttpAddr\"\x81\x01\n" +
+	"\thttp_addr\x18\x03 \x01(\tR\bhttpAddr\"\xf5\x02\n" +
+	"\aNarInfo\x12\x1d\n" +
+	"\n" +
+	"store_path\x18\x01 \x01(\tR\tstorePath\x12\x10\n" +
+	"\x03url\x18\x02 \x01(\tR\x03url\x12 \n" +
+	"\vcompression\x18\x03 \x01(\tR\vcompression\x12\x1b\n" +
+	"\tfile_hash\x18\x04 \x01(\tR\bfileHash\x12\x1b\n" +
+	"\tfile_size\x18\x05 \x01(\x04R\bfileSize\x12\x19\n" +
+	"\bnar_hash\x18\x06 \x01(\tR\anarHash\x12\x19\n" +
+	"\bnar_size\x18\a \x01(\x04R\anarSize\x12\x1e\n" +
+	"\n" +
+	"references\x18\b \x03(\tR\n" +
+	"references\x12\x18\n" +
+	"\aderiver\x18\t \x01(\tR\aderiver\x12\x12\n" +
+	"\x04sigs\x18\n" +
+	" \x03(\tR\x04sigs\x12\x0e\n" +
+	"\x02ca\x18\v \x01(\tR\x02ca\x12\x12\n" +
+	"\x04blob\x18\f \x01(\tR\x04blob\x12\x1d\n" +
+	"\n" +
+	"created_at\x18\r \x01(\x03R\tcreatedAt\x12\x16\n" +
+	"\x06system\x18\x0e \x01(\tR\x06system\"m\n" +
+	"\tLogRecord\x12\x19\n" +
+	"\bdrv_path\x18\x01 \x01(\tR\adrvPath\x12\x12\n" +
+	"\x04blob\x18\x02 \x01(\tR\x04blob\x12\x12\n" +
+	"\x04size\x18\x03 \x01(\x04R\x04size\x12\x1d\n" +
+	"\n" +
+	"created_at\x18\x04 \x01(\x03R\tcreatedAt\"[\n" +
+	"\x03Pin\x12\x1d\n" +
+	"\n" +
+	"store_path\x18\x01 \x01(\tR\tstorePath\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1d\n" +
+	"\n" +
+	"created_at\x18\x03 \x01(\x03R\tcreatedAt\"\x81\x01\n" +
 	"\aCommand\x12,\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x18.kiln.fsm.v1.CommandTypeR\x04type\x12\x1c\n" +
 	"\tignorable\x18\x02 \x01(\bR\tignorable\x12\x18\n" +
@@ -2557,7 +3128,21 @@ const file_fsm_proto_rawDesc = "" +
 	"\blease_id\x18\x01 \x01(\x04R\aleaseId\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1b\n" +
 	"\tmax_tries\x18\x03 \x01(\rR\bmaxTries\x12'\n" +
-	"\x0fbackoff_seconds\x18\x04 \x01(\x03R\x0ebackoffSeconds\"\x9a\x01\n" +
+	"\x0fbackoff_seconds\x18\x04 \x01(\x03R\x0ebackoffSeconds\"=\n" +
+	"\n" +
+	"PutNarInfo\x12/\n" +
+	"\bnar_info\x18\x01 \x01(\v2\x14.kiln.fsm.v1.NarInfoR\anarInfo\"2\n" +
+	"\x06PutLog\x12(\n" +
+	"\x03log\x18\x01 \x01(\v2\x16.kiln.fsm.v1.LogRecordR\x03log\"-\n" +
+	"\aPinPath\x12\"\n" +
+	"\x03pin\x18\x01 \x01(\v2\x10.kiln.fsm.v1.PinR\x03pin\"*\n" +
+	"\tUnpinPath\x12\x1d\n" +
+	"\n" +
+	"store_path\x18\x01 \x01(\tR\tstorePath\"V\n" +
+	"\x0eCollectGarbage\x12#\n" +
+	"\rgrace_seconds\x18\x01 \x01(\x03R\fgraceSeconds\x12\x1f\n" +
+	"\vmax_deletes\x18\x02 \x01(\rR\n" +
+	"maxDeletes\"\x9a\x01\n" +
 	"\x0eSnapshotHeader\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x12\n" +
@@ -2577,7 +3162,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\x11STEP_STATE_LEASED\x10\x03\x12\x18\n" +
 	"\x14STEP_STATE_SUCCEEDED\x10\x04\x12\x15\n" +
 	"\x11STEP_STATE_FAILED\x10\x05\x12\x18\n" +
-	"\x14STEP_STATE_CANCELLED\x10\x06*\x93\x03\n" +
+	"\x14STEP_STATE_CANCELLED\x10\x06*\xa6\x04\n" +
 	"\vCommandType\x12\x1c\n" +
 	"\x18COMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11COMMAND_TYPE_NOOP\x10\x01\x12\x1d\n" +
@@ -2592,13 +3177,18 @@ const file_fsm_proto_rawDesc = "" +
 	"\x18COMMAND_TYPE_GRANT_LEASE\x10\n" +
 	"\x12\x1f\n" +
 	"\x1bCOMMAND_TYPE_COMPLETE_LEASE\x10\v\x12\x1d\n" +
-	"\x19COMMAND_TYPE_EXPIRE_LEASE\x10\f*\x9e\x01\n" +
+	"\x19COMMAND_TYPE_EXPIRE_LEASE\x10\f\x12\x1d\n" +
+	"\x19COMMAND_TYPE_PUT_NAR_INFO\x10\r\x12\x18\n" +
+	"\x14COMMAND_TYPE_PUT_LOG\x10\x0e\x12\x19\n" +
+	"\x15COMMAND_TYPE_PIN_PATH\x10\x0f\x12\x1b\n" +
+	"\x17COMMAND_TYPE_UNPIN_PATH\x10\x10\x12 \n" +
+	"\x1cCOMMAND_TYPE_COLLECT_GARBAGE\x10\x11*\x9e\x01\n" +
 	"\fLeaseOutcome\x12\x1d\n" +
 	"\x19LEASE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17LEASE_OUTCOME_SUCCEEDED\x10\x01\x12\x18\n" +
 	"\x14LEASE_OUTCOME_FAILED\x10\x02\x12\x1b\n" +
 	"\x17LEASE_OUTCOME_TRANSIENT\x10\x03\x12\x1b\n" +
-	"\x17LEASE_OUTCOME_TIMED_OUT\x10\x04*\xca\x01\n" +
+	"\x17LEASE_OUTCOME_TIMED_OUT\x10\x04*\x8e\x02\n" +
 	"\n" +
 	"RecordType\x12\x1b\n" +
 	"\x17RECORD_TYPE_UNSPECIFIED\x10\x00\x12\x17\n" +
@@ -2608,7 +3198,11 @@ const file_fsm_proto_rawDesc = "" +
 	"\x11RECORD_TYPE_BUILD\x10\x04\x12\x14\n" +
 	"\x10RECORD_TYPE_STEP\x10\x05\x12\x15\n" +
 	"\x11RECORD_TYPE_LEASE\x10\x06\x12\x14\n" +
-	"\x10RECORD_TYPE_NODE\x10\aB,Z*github.com/kilnci/kiln/raftfsm/fsmpb;fsmpbb\x06proto3"
+	"\x10RECORD_TYPE_NODE\x10\a\x12\x18\n" +
+	"\x14RECORD_TYPE_NAR_INFO\x10\b\x12\x13\n" +
+	"\x0fRECORD_TYPE_LOG\x10\t\x12\x13\n" +
+	"\x0fRECORD_TYPE_PIN\x10\n" +
+	"B,Z*github.com/kilnci/kiln/raftfsm/fsmpb;fsmpbb\x06proto3"
 
 var (
 	file_fsm_proto_rawDescOnce sync.Once
@@ -2623,7 +3217,7 @@ func file_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 28)
+var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_fsm_proto_goTypes = []any{
 	(BuildState)(0),        // 0: kiln.fsm.v1.BuildState
 	(StepState)(0),         // 1: kiln.fsm.v1.StepState
@@ -2641,47 +3235,58 @@ var file_fsm_proto_goTypes = []any{
 	(*Step)(nil),           // 13: kiln.fsm.v1.Step
 	(*Lease)(nil),          // 14: kiln.fsm.v1.Lease
 	(*Node)(nil),           // 15: kiln.fsm.v1.Node
-	(*Command)(nil),        // 16: kiln.fsm.v1.Command
-	(*Entry)(nil),          // 17: kiln.fsm.v1.Entry
-	(*Noop)(nil),           // 18: kiln.fsm.v1.Noop
-	(*DerivationNode)(nil), // 19: kiln.fsm.v1.DerivationNode
-	(*SubmitBuild)(nil),    // 20: kiln.fsm.v1.SubmitBuild
-	(*CancelBuild)(nil),    // 21: kiln.fsm.v1.CancelBuild
-	(*PutProject)(nil),     // 22: kiln.fsm.v1.PutProject
-	(*DeleteProject)(nil),  // 23: kiln.fsm.v1.DeleteProject
-	(*PutJobset)(nil),      // 24: kiln.fsm.v1.PutJobset
-	(*DeleteJobset)(nil),   // 25: kiln.fsm.v1.DeleteJobset
-	(*PutNode)(nil),        // 26: kiln.fsm.v1.PutNode
-	(*DeleteNode)(nil),     // 27: kiln.fsm.v1.DeleteNode
-	(*GrantLease)(nil),     // 28: kiln.fsm.v1.GrantLease
-	(*CompleteLease)(nil),  // 29: kiln.fsm.v1.CompleteLease
-	(*ExpireLease)(nil),    // 30: kiln.fsm.v1.ExpireLease
-	(*SnapshotHeader)(nil), // 31: kiln.fsm.v1.SnapshotHeader
-	nil,                    // 32: kiln.fsm.v1.Eval.InputsEntry
+	(*NarInfo)(nil),        // 16: kiln.fsm.v1.NarInfo
+	(*LogRecord)(nil),      // 17: kiln.fsm.v1.LogRecord
+	(*Pin)(nil),            // 18: kiln.fsm.v1.Pin
+	(*Command)(nil),        // 19: kiln.fsm.v1.Command
+	(*Entry)(nil),          // 20: kiln.fsm.v1.Entry
+	(*Noop)(nil),           // 21: kiln.fsm.v1.Noop
+	(*DerivationNode)(nil), // 22: kiln.fsm.v1.DerivationNode
+	(*SubmitBuild)(nil),    // 23: kiln.fsm.v1.SubmitBuild
+	(*CancelBuild)(nil),    // 24: kiln.fsm.v1.CancelBuild
+	(*PutProject)(nil),     // 25: kiln.fsm.v1.PutProject
+	(*DeleteProject)(nil),  // 26: kiln.fsm.v1.DeleteProject
+	(*PutJobset)(nil),      // 27: kiln.fsm.v1.PutJobset
+	(*DeleteJobset)(nil),   // 28: kiln.fsm.v1.DeleteJobset
+	(*PutNode)(nil),        // 29: kiln.fsm.v1.PutNode
+	(*DeleteNode)(nil),     // 30: kiln.fsm.v1.DeleteNode
+	(*GrantLease)(nil),     // 31: kiln.fsm.v1.GrantLease
+	(*CompleteLease)(nil),  // 32: kiln.fsm.v1.CompleteLease
+	(*ExpireLease)(nil),    // 33: kiln.fsm.v1.ExpireLease
+	(*PutNarInfo)(nil),     // 34: kiln.fsm.v1.PutNarInfo
+	(*PutLog)(nil),         // 35: kiln.fsm.v1.PutLog
+	(*PinPath)(nil),        // 36: kiln.fsm.v1.PinPath
+	(*UnpinPath)(nil),      // 37: kiln.fsm.v1.UnpinPath
+	(*CollectGarbage)(nil), // 38: kiln.fsm.v1.CollectGarbage
+	(*SnapshotHeader)(nil), // 39: kiln.fsm.v1.SnapshotHeader
+	nil,                    // 40: kiln.fsm.v1.Eval.InputsEntry
 }
 var file_fsm_proto_depIdxs = []int32{
 	7,  // 0: kiln.fsm.v1.Jobset.inputs:type_name -> kiln.fsm.v1.JobsetInput
-	32, // 1: kiln.fsm.v1.Eval.inputs:type_name -> kiln.fsm.v1.Eval.InputsEntry
+	40, // 1: kiln.fsm.v1.Eval.inputs:type_name -> kiln.fsm.v1.Eval.InputsEntry
 	0,  // 2: kiln.fsm.v1.Build.state:type_name -> kiln.fsm.v1.BuildState
 	12, // 3: kiln.fsm.v1.Build.outputs:type_name -> kiln.fsm.v1.Output
 	11, // 4: kiln.fsm.v1.Build.state_history:type_name -> kiln.fsm.v1.StateChange
 	12, // 5: kiln.fsm.v1.Step.outputs:type_name -> kiln.fsm.v1.Output
 	1,  // 6: kiln.fsm.v1.Step.state:type_name -> kiln.fsm.v1.StepState
 	2,  // 7: kiln.fsm.v1.Command.type:type_name -> kiln.fsm.v1.CommandType
-	16, // 8: kiln.fsm.v1.Entry.commands:type_name -> kiln.fsm.v1.Command
+	19, // 8: kiln.fsm.v1.Entry.commands:type_name -> kiln.fsm.v1.Command
 	12, // 9: kiln.fsm.v1.DerivationNode.outputs:type_name -> kiln.fsm.v1.Output
 	10, // 10: kiln.fsm.v1.SubmitBuild.build:type_name -> kiln.fsm.v1.Build
-	19, // 11: kiln.fsm.v1.SubmitBuild.graph:type_name -> kiln.fsm.v1.DerivationNode
+	22, // 11: kiln.fsm.v1.SubmitBuild.graph:type_name -> kiln.fsm.v1.DerivationNode
 	5,  // 12: kiln.fsm.v1.PutProject.project:type_name -> kiln.fsm.v1.Project
 	6,  // 13: kiln.fsm.v1.PutJobset.jobset:type_name -> kiln.fsm.v1.Jobset
 	15, // 14: kiln.fsm.v1.PutNode.node:type_name -> kiln.fsm.v1.Node
 	3,  // 15: kiln.fsm.v1.CompleteLease.outcome:type_name -> kiln.fsm.v1.LeaseOutcome
-	9,  // 16: kiln.fsm.v1.Eval.InputsEntry.value:type_name -> kiln.fsm.v1.EvalInput
-	17, // [17:17] is the sub-list for method output_type
-	17, // [17:17] is the sub-list for method input_type
-	17, // [17:17] is the sub-list for extension type_name
-	17, // [17:17] is the sub-list for extension extendee
-	0,  // [0:17] is the sub-list for field type_name
+	16, // 16: kiln.fsm.v1.PutNarInfo.nar_info:type_name -> kiln.fsm.v1.NarInfo
+	17, // 17: kiln.fsm.v1.PutLog.log:type_name -> kiln.fsm.v1.LogRecord
+	18, // 18: kiln.fsm.v1.PinPath.pin:type_name -> kiln.fsm.v1.Pin
+	9,  // 19: kiln.fsm.v1.Eval.InputsEntry.value:type_name -> kiln.fsm.v1.EvalInput
+	20, // [20:20] is the sub-list for method output_type
+	20, // [20:20] is the sub-list for method input_type
+	20, // [20:20] is the sub-list for extension type_name
+	20, // [20:20] is the sub-list for extension extendee
+	0,  // [0:20] is the sub-list for field type_name
 }
 
 func init() { file_fsm_proto_init() }
@@ -2695,7 +3300,7 @@ func file_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_proto_rawDesc), len(file_fsm_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   28,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   0,
 		},
