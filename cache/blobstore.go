@@ -9,16 +9,19 @@ import (
 	"io"
 	"os"
 	"path/filepath"
+	"time"
+
+	"github.com/kilnci/kiln/raftfsm"
 )
 
 // ErrBlobNotFound is returned for a blob the store does not hold.
-var ErrBlobNotFound = errors.New("blob not found")
+var ErrBlobNotFound = fmt.Errorf("%w: blob", raftfsm.ErrNotFound)
 
 // ErrBadBlobName refuses names that are not a lowercase hex SHA-256.
-var ErrBadBlobName = errors.New("blob name is not a sha256 hex digest")
+var ErrBadBlobName = fmt.Errorf("%w: blob name is not a sha256 hex digest", raftfsm.ErrInvalid)
 
 // ErrHashMismatch refuses bytes that do not hash to the name they were put under.
-var ErrHashMismatch = errors.New("blob bytes do not match their hash")
+var ErrHashMismatch = fmt.Errorf("%w: bytes do not match their hash", raftfsm.ErrInvalid)
 
 // BlobStore holds content-addressed blobs named by the SHA-256 of their
 // bytes. An S3-compatible backend can implement it too.
@@ -30,6 +33,10 @@ type BlobStore interface {
 	Open(name string) (io.ReadSeekCloser, int64, error)
 	Has(name string) bool
 	Delete(name string) error
+	// Verify re-reads a blob and checks it still hashes to its name.
+	Verify(ctx context.Context, name string) error
+	// List calls fn for every blob with its last write time.
+	List(ctx context.Context, fn func(name string, modified time.Time) error) error
 }
 
 // FSBlobStore keeps blobs as files under a root directory, fanned out by
@@ -43,7 +50,12 @@ var _ BlobStore = (*FSBlobStore)(nil)
 
 // NewFSBlobStore opens (creating) a blob store under root.
 func NewFSBlobStore(root string) (*FSBlobStore, error) {
-	if err := os.MkdirAll(filepath.Join(root, "tmp"), 0o700); err != nil {
+	tmp := filepath.Join(root, "tmp")
+	// Nothing writes yet: leftovers of a crash mid-Put go.
+	if err := os.RemoveAll(tmp); err != nil {
+		return nil, err
+	}
+	if err := os.MkdirAll(tmp, 0o700); err != nil {
 		return nil, err
 	}
 	return &FSBlobStore{root: root}, nil
@@ -76,7 +88,10 @@ func (s *FSBlobStore) Put(ctx context.Context, name string, r io.Reader, limit i
 		return err
 	}
 	if s.Has(name) {
-		return nil
+		// Refresh its age so a sweep of unreferenced blobs spares a
+		// blob that is being uploaded again.
+		now := time.Now()
+		return os.Chtimes(final, now, now)
 	}
 	tmp, err := os.CreateTemp(filepath.Join(s.root, "tmp"), "put-*")
 	if err != nil {
@@ -94,7 +109,7 @@ func (s *FSBlobStore) Put(ctx context.Context, name string, r io.Reader, limit i
 		return err
 	}
 	if n > limit {
-		return fmt.Errorf("blob over the %d-byte limit", limit)
+		return fmt.Errorf("%w: blob over the %d-byte limit", raftfsm.ErrTooLarge, limit)
 	}
 	if got := hex.EncodeToString(h.Sum(nil)); got != name {
 		return fmt.Errorf("%w: got %s, want %s", ErrHashMismatch, got, name)
@@ -167,6 +182,56 @@ func (s *FSBlobStore) Delete(name string) error {
 		return err
 	}
 	return syncDir(filepath.Dir(p))
+}
+
+// Verify re-hashes a blob.
+func (s *FSBlobStore) Verify(ctx context.Context, name string) error {
+	f, _, err := s.Open(name)
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	h := sha256.New()
+	if _, err := io.Copy(h, &ctxReader{ctx: ctx, r: f}); err != nil {
+		return err
+	}
+	if got := hex.EncodeToString(h.Sum(nil)); got != name {
+		return fmt.Errorf("%w: %s now hashes to %s", ErrHashMismatch, name, got)
+	}
+	return nil
+}
+
+// List walks the fan-out directories; names that are not blobs are skipped.
+func (s *FSBlobStore) List(ctx context.Context, fn func(name string, modified time.Time) error) error {
+	dirs, err := os.ReadDir(s.root)
+	if err != nil {
+		return err
+	}
+	for _, d := range dirs {
+		if !d.IsDir() || len(d.Name()) != 2 {
+			continue
+		}
+		entries, err := os.ReadDir(filepath.Join(s.root, d.Name()))
+		if err != nil {
+			return err
+		}
+		for _, e := range entries {
+			if err := ctx.Err(); err != nil {
+				return err
+			}
+			if !ValidBlobName(e.Name()) || e.Name()[:2] != d.Name() {
+				continue
+			}
+			info, err := e.Info()
+			if err != nil {
+				continue // deleted meanwhile
+			}
+			if err := fn(e.Name(), info.ModTime()); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 // ctxReader stops a copy when its context ends.

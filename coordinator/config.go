@@ -2,6 +2,8 @@ package coordinator
 
 import (
 	"fmt"
+
+	"github.com/kilnci/kiln/cache"
 	"log/slog"
 	"time"
 )
@@ -40,6 +42,28 @@ type Config struct {
 	// ApplyTimeout bounds how long a write waits to be committed (default 10s).
 	ApplyTimeout time.Duration
 
+	// CacheKeyFile is the binary cache's secret signing key (kiln keygen);
+	// without one the cache serves but accepts no uploads.
+	CacheKeyFile string
+	// MaxNarSize bounds an uploaded NAR, compressed and not (default 8 GiB).
+	MaxNarSize int64
+	// BlobPushTimeout bounds copying a blob to a peer, plus 1 s per MiB
+	// (default 30 s).
+	BlobPushTimeout time.Duration
+	// BlobSyncInterval is the longest the missing-blob fetcher waits
+	// between scans when no record changes (default 1 minute).
+	BlobSyncInterval time.Duration
+	// CacheScrubInterval is how often blobs are re-hashed (0: never;
+	// the coordinator command defaults to 24 h).
+	CacheScrubInterval time.Duration
+	// BlobOrphanGrace is how old a blob no record names must be before it
+	// is deleted (default 1 h).
+	BlobOrphanGrace time.Duration
+	// CacheGCInterval is how often the leader collects cache garbage (0:
+	// never); CacheGCGrace protects records younger than it.
+	CacheGCInterval time.Duration
+	CacheGCGrace    time.Duration
+
 	Logger *slog.Logger
 }
 
@@ -61,6 +85,21 @@ func (c *Config) setDefaults() error {
 	}
 	if c.ApplyTimeout <= 0 {
 		c.ApplyTimeout = 10 * time.Second
+	}
+	if c.MaxNarSize <= 0 {
+		c.MaxNarSize = cache.DefaultMaxNarSize
+	}
+	if c.BlobPushTimeout <= 0 {
+		c.BlobPushTimeout = 30 * time.Second
+	}
+	if c.BlobSyncInterval <= 0 {
+		c.BlobSyncInterval = time.Minute
+	}
+	if c.BlobOrphanGrace <= 0 {
+		c.BlobOrphanGrace = time.Hour
+	}
+	if c.CacheGCInterval > 0 && c.CacheGCGrace <= 0 {
+		c.CacheGCGrace = 24 * time.Hour
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

@@ -14,6 +14,7 @@ import (
 
 	"github.com/hashicorp/raft"
 
+	"github.com/kilnci/kiln/cache"
 	"github.com/kilnci/kiln/raftfsm"
 	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
 )
@@ -44,6 +45,17 @@ type Coordinator struct {
 	peers      map[string]kilnv1connect.ClusterServiceClient
 	httpClient *http.Client
 
+	// The binary cache: local blobs, the cache handler, background copies.
+	blobs          *localBlobs
+	cacheHandler   *cache.Handler
+	cachePublicKey string
+	blobClient     *http.Client
+	bgMu           sync.Mutex
+	bgCtx          context.Context
+	bg             sync.WaitGroup
+	scrubMu        sync.Mutex
+	lastScrub      atomic.Pointer[ScrubReport]
+
 	httpLn net.Listener
 	srv    *http.Server
 
@@ -71,6 +83,7 @@ func New(cfg Config) (*Coordinator, error) {
 		leaderChanged: make(chan struct{}),
 		peers:         map[string]kilnv1connect.ClusterServiceClient{},
 		httpClient:    newHTTPClient(),
+		blobClient:    &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8, IdleConnTimeout: time.Minute}},
 	}, nil
 }
 
@@ -115,6 +128,17 @@ func (c *Coordinator) Start() error {
 
 	ctx, cancel := context.WithCancel(context.Background())
 	c.cancel = cancel
+	c.bgMu.Lock()
+	c.bgCtx = ctx
+	c.bgMu.Unlock()
+	if err := c.openCache(ctx); err != nil {
+		cancel()
+		ln.Close()
+		_ = c.raft.Shutdown().Error()
+		_ = c.parts.trans.Close()
+		_ = c.parts.store.Close()
+		return err
+	}
 	c.srv = c.newHTTPServer()
 	c.goLoop(func() {
 		if err := c.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -126,6 +150,11 @@ func (c *Coordinator) Start() error {
 	c.goLoop(func() { c.runObserveLoop(ctx) })
 	if len(c.cfg.Join) > 0 {
 		c.goLoop(func() { c.runJoinLoop(ctx) })
+	}
+	c.goLoop(func() { c.runBlobSyncLoop(ctx) })
+	c.goLoop(func() { c.runBlobSweepLoop(ctx) })
+	if c.cfg.CacheScrubInterval > 0 {
+		c.goLoop(func() { c.runScrubLoop(ctx) })
 	}
 	c.log.Info("coordinator started", "http", c.httpAddr, "raft", c.raftAddr, "bootstrap", c.cfg.Bootstrap)
 	return nil
@@ -150,8 +179,11 @@ func (c *Coordinator) Close() error {
 			_ = c.srv.Close()
 		}
 		if c.cancel != nil {
+			c.bgMu.Lock()
 			c.cancel()
+			c.bgMu.Unlock()
 		}
+		c.bg.Wait()
 		if c.raft != nil {
 			err = c.raft.Shutdown().Error()
 		}
@@ -260,6 +292,9 @@ func (c *Coordinator) leaderLoop(ctx context.Context) {
 	c.signalLeaderChange()
 	c.log.Info("leading", "applied_index", c.fsm.AppliedIndex())
 	c.registerSelf(ctx)
+	if c.cfg.CacheGCInterval > 0 {
+		c.runCacheGCLoop(ctx)
+	}
 	<-ctx.Done()
 }
 

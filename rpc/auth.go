@@ -46,6 +46,22 @@ func RequireToken(want string) Authorizer {
 	}
 }
 
+// RequireTokenOrBasic is RequireToken that also takes the token as the
+// password of HTTP Basic auth (any user name), which is how Nix sends the
+// credentials of its netrc file.
+func RequireTokenOrBasic(want string) func(*http.Request) error {
+	bearer := RequireToken(want)
+	return func(r *http.Request) error {
+		if _, pass, ok := r.BasicAuth(); ok {
+			if !TokenEqual(pass, want) {
+				return fmt.Errorf("%w: credentials not accepted", raftfsm.ErrForbidden)
+			}
+			return nil
+		}
+		return bearer(r.Context(), r.URL.Path, r.Header)
+	}
+}
+
 // NewAuthInterceptor runs check for the procedures that need it
 // (needsAuth(procedure) true) before their handlers.
 func NewAuthInterceptor(check Authorizer, needsAuth func(procedure string) bool) connect.Interceptor {

@@ -17,6 +17,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kilnci/kiln/cache"
 	"github.com/kilnci/kiln/coordinator"
 )
 
@@ -64,6 +65,13 @@ func (f *coordinatorFlags) register(cmd *cobra.Command, httpDefault, raftDefault
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fl.DurationVar(&f.raftHeartbeat, "raft-heartbeat-timeout", 0, "Raft heartbeat timeout (0: raft's default)")
 	fl.DurationVar(&f.raftElection, "raft-election-timeout", 0, "Raft election timeout (0: raft's default)")
+	fl.StringVar(&f.cfg.CacheKeyFile, "cache-key-file", "", "the binary cache's secret signing key (kiln keygen); must not be readable by group or others")
+	fl.Int64Var(&f.cfg.MaxNarSize, "max-nar-size", 8<<30, "largest NAR accepted, compressed or not")
+	fl.DurationVar(&f.cfg.CacheScrubInterval, "cache-scrub-interval", 24*time.Hour, "how often every blob is re-hashed and repaired from peers (0: never)")
+	fl.DurationVar(&f.cfg.CacheGCInterval, "cache-gc-interval", 0, "how often the leader deletes cache paths no root reaches (0: never)")
+	fl.DurationVar(&f.cfg.CacheGCGrace, "cache-gc-grace", 24*time.Hour, "cache paths younger than this are never collected")
+	fl.DurationVar(&f.cfg.BlobOrphanGrace, "blob-orphan-grace", time.Hour, "blobs no record names are deleted once older than this")
+	fl.DurationVar(&f.cfg.BlobSyncInterval, "blob-sync-interval", time.Minute, "longest wait between scans for blobs this node lacks")
 }
 
 func (f *coordinatorFlags) logger() (*slog.Logger, error) {
@@ -184,9 +192,19 @@ func newDevCmd() *cobra.Command {
 			}
 			f.cfg.AdminToken = tok
 			f.cfg.Bootstrap = true
+			if f.cfg.CacheKeyFile == "" {
+				f.cfg.CacheKeyFile = filepath.Join(f.cfg.DataDir, "cache-key.sec")
+				if _, err := os.Stat(f.cfg.CacheKeyFile); errors.Is(err, os.ErrNotExist) {
+					if _, err := cache.WriteKeyFiles("kiln-dev-1", f.cfg.CacheKeyFile, filepath.Join(f.cfg.DataDir, "cache-key.pub")); err != nil {
+						return err
+					}
+				}
+			}
 			return runCoordinator(cmd.Context(), f.cfg, func(c *coordinator.Coordinator) {
 				fmt.Printf("Kiln dev is running.\n  API:         http://%s/api/v1/builds\n  Cluster:     http://%s/api/v1/cluster\n  Data dir:    %s\n  Admin token: %s\n  (token file: %s)\n",
 					c.HTTPAddr(), c.HTTPAddr(), f.cfg.DataDir, tok, f.adminTokenFile)
+				fmt.Printf("  Substituter: http://%s/cache\n  Public key:  %s\n  Push:        nix copy --to 'http://%s/cache?compression=zstd' PATH  (netrc password: the admin token)\n",
+					c.HTTPAddr(), c.CachePublicKey(), c.HTTPAddr())
 			})
 		},
 	}

@@ -1,0 +1,346 @@
+package cache
+
+import (
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"strconv"
+	"strings"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+
+	"github.com/kilnci/kiln/raftfsm"
+	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+)
+
+// Index is the local replica's view of the cache records.
+type Index interface {
+	NarInfo(hashPart string) (*pb.NarInfo, error)
+	Log(drvPath string) (*pb.LogRecord, error)
+}
+
+// Publisher makes uploads durable: it copies the blob to a quorum of
+// coordinators and commits the record through Raft.
+type Publisher interface {
+	PublishNar(ctx context.Context, rec *pb.NarInfo) error
+	PublishLog(ctx context.Context, rec *pb.LogRecord) error
+}
+
+// Config is what a Handler serves from.
+type Config struct {
+	Index     func() Index
+	Blobs     BlobStore
+	Signer    *Signer // nil: uploads are refused
+	Publisher Publisher
+	// Authorize checks a push credential; it returns an error wrapping
+	// raftfsm.ErrUnauthenticated or ErrForbidden.
+	Authorize  func(*http.Request) error
+	Priority   int
+	MaxNarSize int64 // bound on a compressed NAR file and on the NAR inside
+	MaxLogSize int64
+	Log        *slog.Logger
+}
+
+// Handler serves the binary cache under /cache/ and accepts pushes.
+type Handler struct {
+	cfg       Config
+	cacheInfo []byte
+}
+
+// Defaults for Config's size bounds.
+const (
+	DefaultMaxNarSize = 8 << 30
+	DefaultMaxLogSize = 64 << 20
+)
+
+// NewHandler returns the cache handler.
+func NewHandler(cfg Config) *Handler {
+	if cfg.MaxNarSize <= 0 {
+		cfg.MaxNarSize = DefaultMaxNarSize
+	}
+	if cfg.MaxLogSize <= 0 {
+		cfg.MaxLogSize = DefaultMaxLogSize
+	}
+	if cfg.Log == nil {
+		cfg.Log = slog.New(slog.DiscardHandler)
+	}
+	if cfg.Priority == 0 {
+		cfg.Priority = 30
+	}
+	info := fmt.Sprintf("StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n", raftfsm.StoreDir, cfg.Priority)
+	return &Handler{cfg: cfg, cacheInfo: []byte(info)}
+}
+
+const (
+	ccImmutable = "public, max-age=31536000, immutable"
+	ccRecord    = "public, max-age=300"
+	ccMiss      = "public, max-age=10"
+)
+
+// ServeHTTP routes /cache/<path>.
+func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
+	rest, ok := strings.CutPrefix(r.URL.Path, "/cache/")
+	if !ok {
+		h.fail(w, r, ErrNoRoute)
+		return
+	}
+	rt, err := ParseRoute(rest)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	switch r.Method {
+	case http.MethodGet, http.MethodHead:
+		switch rt.Kind {
+		case RouteCacheInfo:
+			h.serveBytes(w, r, "text/x-nix-cache-info", ccRecord, "", h.cacheInfo)
+		case RouteNarInfo:
+			h.serveNarInfo(w, r, rt.Key)
+		case RouteNar:
+			h.serveNar(w, r, rt.Key)
+		case RouteLog:
+			h.serveLog(w, r, rt.Key)
+		}
+	case http.MethodPut:
+		if err := h.authorize(r); err != nil {
+			h.fail(w, r, err)
+			return
+		}
+		switch rt.Kind {
+		case RouteNar:
+			err = h.putNar(r, rt.Key)
+		case RouteNarInfo:
+			err = h.putNarInfo(r, rt.Key)
+		case RouteLog:
+			err = h.putLog(r, rt.Key)
+		default:
+			err = fmt.Errorf("%w: %s is served, not uploaded", raftfsm.ErrForbidden, rest)
+		}
+		if err != nil {
+			h.fail(w, r, err)
+			return
+		}
+		w.WriteHeader(http.StatusOK)
+	default:
+		w.Header().Set("Allow", "GET, HEAD, PUT")
+		writeJSONError(w, http.StatusMethodNotAllowed, "method "+r.Method+" not allowed")
+	}
+}
+
+func (h *Handler) authorize(r *http.Request) error {
+	if h.cfg.Authorize == nil {
+		return fmt.Errorf("%w: uploads are disabled", raftfsm.ErrForbidden)
+	}
+	return h.cfg.Authorize(r)
+}
+
+func (h *Handler) fail(w http.ResponseWriter, r *http.Request, err error) {
+	status, _ := raftfsm.StatusOf(err)
+	if status == http.StatusUnauthorized {
+		w.Header().Set("WWW-Authenticate", `Basic realm="kiln cache"`)
+	}
+	if status == http.StatusNotFound {
+		w.Header().Set("Cache-Control", ccMiss)
+	}
+	if status >= 500 {
+		h.cfg.Log.Error("cache request failed", "method", r.Method, "path", r.URL.Path, "err", err)
+	}
+	writeJSONError(w, status, err.Error())
+}
+
+func writeJSONError(w http.ResponseWriter, status int, msg string) {
+	w.Header().Set("Content-Type", "application/json")
+	w.Header().Set("X-Content-Type-Options", "nosniff")
+	w.WriteHeader(status)
+	_ = json.NewEncoder(w).Encode(map[string]string{"error": msg})
+}
+
+func (h *Handler) serveBytes(w http.ResponseWriter, r *http.Request, ctype, cc, etag string, body []byte) {
+	hd := w.Header()
+	hd["Content-Type"] = []string{ctype}
+	hd["Cache-Control"] = []string{cc}
+	hd["Content-Length"] = []string{strconv.Itoa(len(body))}
+	if etag != "" {
+		hd["Etag"] = []string{etag}
+		if inm := r.Header.Get("If-None-Match"); inm != "" && inm == etag {
+			delete(hd, "Content-Length")
+			w.WriteHeader(http.StatusNotModified)
+			return
+		}
+	}
+	w.WriteHeader(http.StatusOK)
+	if r.Method != http.MethodHead {
+		_, _ = w.Write(body)
+	}
+}
+
+func (h *Handler) serveNarInfo(w http.ResponseWriter, r *http.Request, hashPart string) {
+	rec, err := h.cfg.Index().NarInfo(hashPart)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	buf := AppendNarInfo(make([]byte, 0, 512), rec)
+	h.serveBytes(w, r, "text/x-nix-narinfo", ccRecord, `"`+rec.Blob[:32]+`"`, buf)
+}
+
+func (h *Handler) serveNar(w http.ResponseWriter, r *http.Request, blob string) {
+	f, _, err := h.cfg.Blobs.Open(blob)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	defer f.Close()
+	hd := w.Header()
+	hd["Content-Type"] = []string{"application/x-nix-nar"}
+	hd["Cache-Control"] = []string{ccImmutable}
+	hd["Etag"] = []string{`"` + blob + `"`}
+	// ServeContent answers Range, If-Range and If-None-Match, and sends
+	// the file with sendfile.
+	http.ServeContent(w, r, "", time.Time{}, f)
+}
+
+func (h *Handler) serveLog(w http.ResponseWriter, r *http.Request, drv string) {
+	rec, err := h.cfg.Index().Log(drv)
+	if err != nil {
+		h.fail(w, r, err)
+		return
+	}
+	f, _, err := h.cfg.Blobs.Open(rec.Blob)
+	if err != nil {
+		h.fail(w, r, fmt.Errorf("%w: log of %s is not on this node yet", raftfsm.ErrUnavailable, drv))
+		return
+	}
+	defer f.Close()
+	hd := w.Header()
+	hd["Content-Type"] = []string{"text/plain; charset=utf-8"}
+	hd["Cache-Control"] = []string{ccRecord}
+	hd["Etag"] = []string{`"` + rec.Blob + `"`}
+	hd["Content-Length"] = []string{strconv.FormatUint(rec.Size, 10)}
+	w.WriteHeader(http.StatusOK)
+	if r.Method == http.MethodHead {
+		return
+	}
+	dec, err := zstd.NewReader(f, zstd.WithDecoderConcurrency(1), zstd.WithDecoderLowmem(true))
+	if err != nil {
+		return
+	}
+	defer dec.Close()
+	_, _ = io.CopyN(w, dec, int64(rec.Size))
+}
+
+// putNar stores an uploaded compressed NAR under its file hash. It becomes
+// part of the cache only when its narinfo is uploaded and verified.
+func (h *Handler) putNar(r *http.Request, blob string) error {
+	if r.ContentLength > h.cfg.MaxNarSize {
+		return fmt.Errorf("%w: NAR file of %d bytes, limit %d", raftfsm.ErrTooLarge, r.ContentLength, h.cfg.MaxNarSize)
+	}
+	return h.cfg.Blobs.Put(r.Context(), blob, r.Body, h.cfg.MaxNarSize)
+}
+
+func (h *Handler) putNarInfo(r *http.Request, hashPart string) error {
+	ni, err := ParseNarInfo(r.Body)
+	if err != nil {
+		return err
+	}
+	rec, err := ToRecord(ni)
+	if err != nil {
+		return err
+	}
+	if raftfsm.HashPart(rec.StorePath) != hashPart {
+		return fmt.Errorf("%w: narinfo for %s uploaded as %s.narinfo", raftfsm.ErrInvalid, rec.StorePath, hashPart)
+	}
+	return h.IngestNarInfo(r.Context(), rec)
+}
+
+// IngestNarInfo verifies a record against its blob (which must already be
+// in the local store) and that its references are in the cache, signs it
+// with the cluster key and publishes it. On any mismatch nothing is
+// recorded.
+func (h *Handler) IngestNarInfo(ctx context.Context, rec *pb.NarInfo) error {
+	if h.cfg.Signer == nil {
+		return fmt.Errorf("%w: no cache key configured (--cache-key-file)", raftfsm.ErrUnavailable)
+	}
+	if err := raftfsm.ValidateNarInfo(rec); err != nil {
+		return err
+	}
+	if int64(rec.FileSize) > h.cfg.MaxNarSize || int64(rec.NarSize) > h.cfg.MaxNarSize {
+		return fmt.Errorf("%w: NAR of %d bytes, limit %d", raftfsm.ErrTooLarge, rec.NarSize, h.cfg.MaxNarSize)
+	}
+	idx := h.cfg.Index()
+	self := raftfsm.HashPart(rec.StorePath)
+	for _, ref := range rec.References {
+		if rh := raftfsm.HashPart(ref); rh != self {
+			if _, err := idx.NarInfo(rh); err != nil {
+				return fmt.Errorf("%w: reference %s is not in the cache; push it first", raftfsm.ErrInvalid, ref)
+			}
+		}
+	}
+	f, size, err := h.cfg.Blobs.Open(rec.Blob)
+	if errors.Is(err, ErrBlobNotFound) {
+		return fmt.Errorf("%w: %s has not been uploaded to this node", raftfsm.ErrInvalid, rec.Url)
+	}
+	if err != nil {
+		return err
+	}
+	defer f.Close()
+	if uint64(size) != rec.FileSize {
+		return fmt.Errorf("%w: FileSize %d, the uploaded file has %d bytes", raftfsm.ErrInvalid, rec.FileSize, size)
+	}
+	sum, err := ReadNarZst(f, rec.NarSize)
+	if err != nil {
+		return err
+	}
+	want, _ := raftfsm.ValidNixHash("NarHash", rec.NarHash)
+	if !bytes.Equal(sum.Hash[:], want) || sum.Size != rec.NarSize {
+		return fmt.Errorf("%w: NarHash/NarSize do not match the uploaded NAR (it has %d bytes)", raftfsm.ErrInvalid, sum.Size)
+	}
+	if err := h.cfg.Signer.SignRecord(rec); err != nil {
+		return err
+	}
+	return h.cfg.Publisher.PublishNar(ctx, rec)
+}
+
+// putLog stores an uploaded build log (plain text) zstd-compressed.
+func (h *Handler) putLog(r *http.Request, drv string) error {
+	if r.ContentLength > h.cfg.MaxLogSize {
+		return fmt.Errorf("%w: log of %d bytes, limit %d", raftfsm.ErrTooLarge, r.ContentLength, h.cfg.MaxLogSize)
+	}
+	return h.IngestLog(r.Context(), drv, r.Body)
+}
+
+// IngestLog compresses a log, stores it and publishes its record.
+func (h *Handler) IngestLog(ctx context.Context, drv string, body io.Reader) error {
+	if err := raftfsm.ValidDrvPath(drv); err != nil {
+		return err
+	}
+	var buf bytes.Buffer
+	enc, err := newZstdWriter(&buf)
+	if err != nil {
+		return err
+	}
+	n, err := io.Copy(enc, io.LimitReader(body, h.cfg.MaxLogSize+1))
+	if err != nil {
+		return err
+	}
+	if n > h.cfg.MaxLogSize {
+		return fmt.Errorf("%w: log over %d bytes", raftfsm.ErrTooLarge, h.cfg.MaxLogSize)
+	}
+	if err := enc.Close(); err != nil {
+		return err
+	}
+	sum := sha256.Sum256(buf.Bytes())
+	blob := hex.EncodeToString(sum[:])
+	if err := h.cfg.Blobs.Put(ctx, blob, bytes.NewReader(buf.Bytes()), int64(buf.Len())); err != nil {
+		return err
+	}
+	return h.cfg.Publisher.PublishLog(ctx, &pb.LogRecord{DrvPath: drv, Blob: blob, Size: uint64(n)})
+}
