@@ -3,6 +3,7 @@ GO       ?= go
 BIN      ?= bin/kiln
 GOBIN    ?= $(shell $(GO) env GOPATH)/bin
 BENCHTIME ?= 1x
+SUDO     ?= $(shell test "$$(id -u)" = 0 || echo sudo)
 
 .PHONY: all build test demo proto bench deps vet clean
 
@@ -14,6 +15,10 @@ build:
 # deps installs what the tests need on a fresh Debian machine with Go.
 deps:
 	$(GO) mod download
+	@if ! command -v nix-build >/dev/null || ! test -x /bin/busybox; then \
+		echo "installing Nix and busybox (Debian's nix-bin, busybox-static)"; \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y nix-bin busybox-static; \
+	fi
 
 vet:
 	$(GO) vet ./...
@@ -33,8 +38,18 @@ proto:
 	PATH=$(GOBIN):$$PATH buf generate
 
 # bench runs the benchmarks the issues ask for; figures go in the notes.
-bench:
+bench: bench-cache
 	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -timeout 60m ./raftfsm ./coordinator
+
+# bench-cache compares the /cache/ server with nginx serving the same paths
+# as a static cache, load from wrk (BENCH_DURATION=5s per run, BENCH_REPS=3).
+.PHONY: bench-cache
+bench-cache: deps
+	@if ! command -v wrk >/dev/null || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
+		echo "installing wrk and nginx (Debian's wrk, nginx-light)"; \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y wrk nginx-light; \
+	fi
+	GO=$(GO) $(GO) run ./bench/cachebench
 
 clean:
 	rm -rf bin

@@ -296,6 +296,11 @@ func (h *Handler) IngestNarInfo(ctx context.Context, rec *pb.NarInfo) error {
 		return fmt.Errorf("%w: FileSize %d, the uploaded file has %d bytes", raftfsm.ErrInvalid, rec.FileSize, size)
 	}
 	sum, err := ReadNarZst(f, rec.NarSize)
+	if errors.Is(err, raftfsm.ErrTooLarge) {
+		// The bound was the record's own NarSize (already checked against
+		// MaxNarSize): the narinfo is wrong, not the upload too large.
+		return fmt.Errorf("%w: the uploaded NAR is larger than NarSize %d", raftfsm.ErrInvalid, rec.NarSize)
+	}
 	if err != nil {
 		return err
 	}

@@ -24,14 +24,26 @@ type countingHash struct {
 	h   interface{ Write([]byte) (int, error) }
 	n   uint64
 	max uint64
+	// inNar: the end of the input is io.ErrUnexpectedEOF, because the
+	// NAR parser takes an io.EOF at a token boundary for the end of the
+	// archive and would accept a truncated NAR.
+	inNar bool
+	// stop, once set, fails every read (to unwind an abandoned parser).
+	stop error
 }
 
 func (c *countingHash) Read(p []byte) (int, error) {
+	if c.stop != nil {
+		return 0, c.stop
+	}
 	n, err := c.r.Read(p)
 	c.h.Write(p[:n])
 	c.n += uint64(n)
 	if c.n > c.max {
 		return n, fmt.Errorf("%w: NAR over %d bytes", raftfsm.ErrTooLarge, c.max)
+	}
+	if n == 0 && err == io.EOF && c.inNar {
+		err = io.ErrUnexpectedEOF
 	}
 	return n, err
 }
@@ -51,7 +63,7 @@ func ReadNarZst(r io.Reader, maxNar uint64) (NarSummary, error) {
 // ReadNar is ReadNarZst for an uncompressed NAR.
 func ReadNar(r io.Reader, maxNar uint64) (NarSummary, error) {
 	h := sha256.New()
-	ch := &countingHash{r: r, h: h, max: maxNar}
+	ch := &countingHash{r: r, h: h, max: maxNar, inNar: true}
 	nr, err := nar.NewReader(ch)
 	if err != nil {
 		return NarSummary{}, badNar(err)
@@ -59,15 +71,21 @@ func ReadNar(r io.Reader, maxNar uint64) (NarSummary, error) {
 	for {
 		_, err := nr.Next()
 		if errors.Is(err, io.EOF) {
-			break
+			break // the parser's own end of archive: input ends are ErrUnexpectedEOF
 		}
 		if err != nil {
 			return NarSummary{}, badNar(err)
 		}
 		if _, err := io.Copy(io.Discard, nr); err != nil {
+			// The parser's goroutine waits in Next for us to finish the
+			// file: resume it with every read failing so that it ends
+			// instead of blocking forever.
+			ch.stop = err
+			_, _ = nr.Next()
 			return NarSummary{}, badNar(err)
 		}
 	}
+	ch.inNar = false
 	// Anything after the NAR is refused.
 	var one [1]byte
 	if n, err := io.ReadFull(ch, one[:]); n > 0 {

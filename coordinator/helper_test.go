@@ -41,13 +41,17 @@ func testConfig(dir string) Config {
 
 // startCluster starts n nodes (the first bootstraps, the rest join it) and
 // waits until all are voters and ready.
-func startCluster(t testing.TB, n int) *testCluster {
+// Options adjust each node's config.
+func startCluster(t testing.TB, n int, opts ...func(i int, cfg *Config)) *testCluster {
 	t.Helper()
 	tc := &testCluster{t: t}
 	t.Cleanup(tc.closeAll)
 	for i := 0; i < n; i++ {
 		cfg := testConfig(t.TempDir())
 		cfg.NodeID = fmt.Sprintf("n%d", i)
+		for _, o := range opts {
+			o(i, &cfg)
+		}
 		if i == 0 {
 			cfg.Bootstrap = true
 		} else {

@@ -4,8 +4,6 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"net/http"
-	"os"
-	"path/filepath"
 	"sync"
 	"testing"
 	"time"
@@ -37,71 +35,14 @@ func buildRequest(i int) map[string]any {
 	}
 }
 
-type coordProc struct {
-	*proc
-	http, raft string
-}
-
 // TestThreeCoordinatorsSurviveKill9: three real `kiln coordinator`
 // processes; builds submitted through a follower; the leader is killed with
 // SIGKILL and restarted from its data dir; every acknowledged build is on
 // every node and /api/v1/cluster shows three voters.
 func TestThreeCoordinatorsSurviveKill9(t *testing.T) {
-	dir := t.TempDir()
-	tokenFile := filepath.Join(dir, "admin-token")
-	if err := os.WriteFile(tokenFile, []byte(token+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	var nodes []*coordProc
-	for i := 0; i < 3; i++ {
-		httpAddr, raftAddr := freeAddr(t), freeAddr(t)
-		args := []string{"coordinator", "--data-dir", filepath.Join(dir, fmt.Sprintf("n%d", i)),
-			"--http-addr", httpAddr, "--raft-addr", raftAddr, "--admin-token-file", tokenFile,
-			"--node-id", fmt.Sprintf("n%d", i), "--raft-heartbeat-timeout", "300ms", "--raft-election-timeout", "300ms"}
-		if i == 0 {
-			args = append(args, "--bootstrap")
-		} else {
-			args = append(args, "--join", "http://"+nodes[0].http)
-		}
-		nodes = append(nodes, &coordProc{proc: startProc(t, fmt.Sprintf("n%d", i), args...), http: httpAddr, raft: raftAddr})
-	}
-	defer func() {
-		if t.Failed() {
-			for _, n := range nodes {
-				n.dumpLog()
-			}
-		}
-	}()
-	threeVoters := func(n *coordProc) bool {
-		var v clusterView
-		if code, err := getJSON("http://"+n.http+"/api/v1/cluster", &v); err != nil || code != 200 || v.Leader == "" {
-			return false
-		}
-		voters := 0
-		for _, m := range v.Members {
-			if m.Voter && m.HTTPAddr != "" {
-				voters++
-			}
-		}
-		return voters == 3
-	}
-	waitFor(t, 30*time.Second, "three voters and every node ready", func() bool {
-		for _, n := range nodes {
-			if code, _ := getJSON("http://"+n.http+"/ready", nil); code != 200 || !threeVoters(n) {
-				return false
-			}
-		}
-		return true
-	})
-	leaderIdx := func() int {
-		for i, n := range nodes {
-			var v clusterView
-			if code, err := getJSON("http://"+n.http+"/api/v1/cluster", &v); err == nil && code == 200 && v.State == "Leader" {
-				return i
-			}
-		}
-		return -1
-	}
+	nodes := startCoordinators(t, 3, nil)
+	threeVoters := func(n *coordProc) bool { return countVoters(n) == 3 }
+	leaderIdx := func() int { return leaderOf(nodes) }
 	li := leaderIdx()
 	if li < 0 {
 		t.Fatal("no leader")
