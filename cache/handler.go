@@ -30,7 +30,9 @@ type Index interface {
 // Publisher makes uploads durable: it copies the blob to a quorum of
 // coordinators and commits the record through Raft.
 type Publisher interface {
-	PublishNar(ctx context.Context, rec *pb.NarInfo) error
+	// PublishNar's leaseID, when not 0, is the agent lease the upload is
+	// made under: the record is refused unless that lease is current.
+	PublishNar(ctx context.Context, rec *pb.NarInfo, leaseID uint64) error
 	PublishLog(ctx context.Context, rec *pb.LogRecord) error
 }
 
@@ -258,14 +260,14 @@ func (h *Handler) putNarInfo(r *http.Request, hashPart string) error {
 	if raftfsm.HashPart(rec.StorePath) != hashPart {
 		return fmt.Errorf("%w: narinfo for %s uploaded as %s.narinfo", raftfsm.ErrInvalid, rec.StorePath, hashPart)
 	}
-	return h.IngestNarInfo(r.Context(), rec)
+	return h.IngestNarInfo(r.Context(), rec, 0)
 }
 
 // IngestNarInfo verifies a record against its blob (which must already be
 // in the local store) and that its references are in the cache, signs it
 // with the cluster key and publishes it. On any mismatch nothing is
 // recorded.
-func (h *Handler) IngestNarInfo(ctx context.Context, rec *pb.NarInfo) error {
+func (h *Handler) IngestNarInfo(ctx context.Context, rec *pb.NarInfo, leaseID uint64) error {
 	if h.cfg.Signer == nil {
 		return fmt.Errorf("%w: no cache key configured (--cache-key-file)", raftfsm.ErrUnavailable)
 	}
@@ -311,8 +313,11 @@ func (h *Handler) IngestNarInfo(ctx context.Context, rec *pb.NarInfo) error {
 	if err := h.cfg.Signer.SignRecord(rec); err != nil {
 		return err
 	}
-	return h.cfg.Publisher.PublishNar(ctx, rec)
+	return h.cfg.Publisher.PublishNar(ctx, rec, leaseID)
 }
+
+// Blobs is the store uploads go to.
+func (h *Handler) Blobs() BlobStore { return h.cfg.Blobs }
 
 // putLog stores an uploaded build log (plain text) zstd-compressed.
 func (h *Handler) putLog(r *http.Request, drv string) error {

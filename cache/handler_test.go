@@ -243,7 +243,7 @@ type fakePublisher struct {
 	log []*pb.LogRecord
 }
 
-func (p *fakePublisher) PublishNar(_ context.Context, rec *pb.NarInfo) error {
+func (p *fakePublisher) PublishNar(_ context.Context, rec *pb.NarInfo, _ uint64) error {
 	if err := raftfsm.ValidateNarInfo(rec); err != nil {
 		return err
 	}

@@ -107,11 +107,11 @@ func (c *Coordinator) CachePublicKey() string { return c.cachePublicKey }
 
 // PublishNar makes rec's blob durable on a quorum of coordinators, then
 // commits the record.
-func (c *Coordinator) PublishNar(ctx context.Context, rec *pb.NarInfo) error {
+func (c *Coordinator) PublishNar(ctx context.Context, rec *pb.NarInfo, leaseID uint64) error {
 	if err := c.replicateBlob(ctx, rec.Blob, int64(rec.FileSize)); err != nil {
 		return err
 	}
-	return c.applyOne(ctx, pb.CommandType_COMMAND_TYPE_PUT_NAR_INFO, &pb.PutNarInfo{NarInfo: rec})
+	return c.applyOne(ctx, pb.CommandType_COMMAND_TYPE_PUT_NAR_INFO, &pb.PutNarInfo{NarInfo: rec, LeaseId: leaseID})
 }
 
 // PublishLog does the same for a build log.

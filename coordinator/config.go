@@ -64,6 +64,21 @@ type Config struct {
 	CacheGCInterval time.Duration
 	CacheGCGrace    time.Duration
 
+	// AgentToken is the join token agents register with ("" refuses agents).
+	AgentToken string
+	// LeaseTTL: a lease without a heartbeat for this long expires (30 s).
+	LeaseTTL time.Duration
+	// LeasePollMax caps how long a Lease long-poll is held (30 s).
+	LeasePollMax time.Duration
+	// BuildTimeout and MaxSilent are the limits leases carry (0: none).
+	BuildTimeout time.Duration
+	MaxSilent    time.Duration
+	// MaxLogBytes bounds a step's stored log (64 MiB).
+	MaxLogBytes int64
+	// MaxTries and RetryBackoff govern transient failures (5, 10 s).
+	MaxTries     uint32
+	RetryBackoff time.Duration
+
 	Logger *slog.Logger
 }
 
@@ -100,6 +115,21 @@ func (c *Config) setDefaults() error {
 	}
 	if c.CacheGCInterval > 0 && c.CacheGCGrace <= 0 {
 		c.CacheGCGrace = 24 * time.Hour
+	}
+	if c.LeaseTTL <= 0 {
+		c.LeaseTTL = 30 * time.Second
+	}
+	if c.LeasePollMax <= 0 {
+		c.LeasePollMax = 30 * time.Second
+	}
+	if c.MaxLogBytes <= 0 {
+		c.MaxLogBytes = cache.DefaultMaxLogSize
+	}
+	if c.MaxTries == 0 {
+		c.MaxTries = 5
+	}
+	if c.RetryBackoff <= 0 {
+		c.RetryBackoff = 10 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

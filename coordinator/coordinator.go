@@ -56,6 +56,9 @@ type Coordinator struct {
 	scrubMu        sync.Mutex
 	lastScrub      atomic.Pointer[ScrubReport]
 
+	// liveness is the leader's heartbeat memory (nil when not leading).
+	liveness atomic.Pointer[liveness]
+
 	httpLn net.Listener
 	srv    *http.Server
 
@@ -288,10 +291,20 @@ func (c *Coordinator) leaderLoop(ctx context.Context) {
 		return
 	}
 	c.nextBuildID.Store(maxID)
+	live := newLiveness()
+	c.liveness.Store(live)
+	defer c.liveness.CompareAndSwap(live, nil)
 	c.leaderReady.Store(true)
 	c.signalLeaderChange()
 	c.log.Info("leading", "applied_index", c.fsm.AppliedIndex())
 	c.registerSelf(ctx)
+	var wg sync.WaitGroup
+	defer wg.Wait()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c.runLeaseExpiryLoop(ctx, live)
+	}()
 	if c.cfg.CacheGCInterval > 0 {
 		c.runCacheGCLoop(ctx)
 	}

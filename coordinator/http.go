@@ -30,7 +30,10 @@ func (c *Coordinator) newHTTPServer() *http.Server {
 	)
 	mux.Handle(kilnv1connect.NewBuildServiceHandler(buildService{c}, opts))
 	mux.Handle(kilnv1connect.NewClusterServiceHandler(clusterService{c}, opts))
-	reflector := grpcreflect.NewStaticReflector(kilnv1connect.BuildServiceName, kilnv1connect.ClusterServiceName)
+	agentPath, agentHandler := kilnv1connect.NewAgentServiceHandler(agentService{c},
+		connect.WithReadMaxBytes(2<<20), connect.WithSendMaxBytes(int(c.cfg.MaxBodyBytes)))
+	mux.Handle(agentPath, c.leaderProxy(agentHandler))
+	reflector := grpcreflect.NewStaticReflector(kilnv1connect.BuildServiceName, kilnv1connect.ClusterServiceName, kilnv1connect.AgentServiceName)
 	mux.Handle(grpcreflect.NewHandlerV1(reflector))
 	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))
 

@@ -146,6 +146,8 @@ func applySubmitBuild(c *applyCtx, m *pb.SubmitBuild) (uint64, error) {
 			w.setPending(s)
 		}
 		s.Refs++
+		s.Priority = max(s.Priority, b.Priority)
+		s.GlobalPriority = max(s.GlobalPriority, b.GlobalPriority)
 	}
 	if len(b.NixName) == 0 {
 		b.NixName = NixName(b.DrvPath)

@@ -101,6 +101,18 @@ func applyPutNarInfo(c *applyCtx, m *pb.PutNarInfo) (uint64, error) {
 	if err := ValidateNarInfo(n); err != nil {
 		return 0, err
 	}
+	if m.LeaseId != 0 {
+		o, err := c.txn.First(tableSteps, "lease", m.LeaseId)
+		if err != nil {
+			return 0, err
+		}
+		if o == nil || o.(*pb.Step).State != pb.StepState_STEP_STATE_LEASED {
+			return 0, fmt.Errorf("%w: lease %d is not current", ErrStaleLease, m.LeaseId)
+		}
+		if !slices.ContainsFunc(o.(*pb.Step).Outputs, func(out *pb.Output) bool { return out.Path == n.StorePath }) {
+			return 0, fmt.Errorf("%w: %s is not an output of the leased derivation", ErrInvalid, n.StorePath)
+		}
+	}
 	old, err := c.txn.First(tableNarInfos, "id", HashPart(n.StorePath))
 	if err != nil {
 		return 0, err

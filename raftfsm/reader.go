@@ -227,6 +227,7 @@ type Dump struct {
 	NarInfos []*pb.NarInfo
 	Logs     []*pb.LogRecord
 	Pins     []*pb.Pin
+	Agents   []*pb.Agent
 }
 
 // Dump copies out the whole state.
@@ -261,6 +262,9 @@ func (r *Reader) Dump() (*Dump, error) {
 		return nil, err
 	}
 	if d.Pins, err = r.Pins(); err != nil {
+		return nil, err
+	}
+	if d.Agents, err = r.Agents(); err != nil {
 		return nil, err
 	}
 	return d, nil

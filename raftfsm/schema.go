@@ -22,6 +22,7 @@ const (
 	tableNarInfos = "narinfos"
 	tableLogs     = "logs"
 	tablePins     = "pins"
+	tableAgents   = "agents"
 )
 
 // keyFunc builds an index key from an object; argsFunc from query arguments.
@@ -119,6 +120,15 @@ func buildStateArgs(args ...any) ([]byte, error) {
 	return []byte{byte(st)}, nil
 }
 
+// schedKey orders steps for the scheduler within a (state, system,
+// features) group. memdb appends the step's id to make it unique.
+func schedKey(s *pb.Step) []byte {
+	k := append([]byte{byte(s.State)}, strKey(s.System, FeaturesKey(s.RequiredFeatures))...)
+	k = binary.BigEndian.AppendUint64(k, ^(uint64(s.GlobalPriority) ^ 1<<63))
+	k = binary.BigEndian.AppendUint32(k, ^(uint32(s.Priority) ^ 1<<31))
+	return binary.BigEndian.AppendUint64(k, uint64(s.CreatedAt)^1<<63)
+}
+
 // FeaturesKey is the canonical form of a feature set used in indexes.
 func FeaturesKey(features []string) string { return strings.Join(features, ",") }
 
@@ -166,10 +176,10 @@ func schema() *memdb.DBSchema {
 			"id": idx("id", true, func(o any) ([]byte, bool, error) {
 				return strKey(o.(*pb.Step).DrvPath), true, nil
 			}, stringsArgs),
-			// (state, system, features): what the scheduler asks for.
+			// (state, system, features), then the scheduler's order:
+			// global priority and priority descending, age ascending.
 			"sched": idx("sched", false, func(o any) ([]byte, bool, error) {
-				s := o.(*pb.Step)
-				return append([]byte{byte(s.State)}, strKey(s.System, FeaturesKey(s.RequiredFeatures))...), true, nil
+				return schedKey(o.(*pb.Step)), true, nil
 			}, stateSystemArgs),
 			// the lease a step is (or was last) leased under, for fencing.
 			"lease": {Name: "lease", Unique: true, AllowMissing: true, Indexer: funcIndex{func(o any) ([]byte, bool, error) {
@@ -199,6 +209,11 @@ func schema() *memdb.DBSchema {
 			}, stringsArgs),
 			"blob": idx("blob", false, func(o any) ([]byte, bool, error) {
 				return strKey(o.(*pb.LogRecord).Blob), true, nil
+			}, stringsArgs),
+		}},
+		tableAgents: {Name: tableAgents, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(o any) ([]byte, bool, error) {
+				return strKey(o.(*pb.Agent).Id), true, nil
 			}, stringsArgs),
 		}},
 		tablePins: {Name: tablePins, Indexes: map[string]*memdb.IndexSchema{

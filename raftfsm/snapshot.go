@@ -38,6 +38,7 @@ var recordTables = []struct {
 	{pb.RecordType_RECORD_TYPE_NAR_INFO, tableNarInfos, func() proto.Message { return &pb.NarInfo{} }},
 	{pb.RecordType_RECORD_TYPE_LOG, tableLogs, func() proto.Message { return &pb.LogRecord{} }},
 	{pb.RecordType_RECORD_TYPE_PIN, tablePins, func() proto.Message { return &pb.Pin{} }},
+	{pb.RecordType_RECORD_TYPE_AGENT, tableAgents, func() proto.Message { return &pb.Agent{} }},
 }
 
 type snapshot struct {

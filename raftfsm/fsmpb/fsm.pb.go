@@ -155,6 +155,8 @@ const (
 	CommandType_COMMAND_TYPE_PIN_PATH        CommandType = 15
 	CommandType_COMMAND_TYPE_UNPIN_PATH      CommandType = 16
 	CommandType_COMMAND_TYPE_COLLECT_GARBAGE CommandType = 17
+	CommandType_COMMAND_TYPE_REGISTER_AGENT  CommandType = 18
+	CommandType_COMMAND_TYPE_DELETE_AGENT    CommandType = 19
 )
 
 // Enum value maps for CommandType.
@@ -178,6 +180,8 @@ var (
 		15: "COMMAND_TYPE_PIN_PATH",
 		16: "COMMAND_TYPE_UNPIN_PATH",
 		17: "COMMAND_TYPE_COLLECT_GARBAGE",
+		18: "COMMAND_TYPE_REGISTER_AGENT",
+		19: "COMMAND_TYPE_DELETE_AGENT",
 	}
 	CommandType_value = map[string]int32{
 		"COMMAND_TYPE_UNSPECIFIED":     0,
@@ -198,6 +202,8 @@ var (
 		"COMMAND_TYPE_PIN_PATH":        15,
 		"COMMAND_TYPE_UNPIN_PATH":      16,
 		"COMMAND_TYPE_COLLECT_GARBAGE": 17,
+		"COMMAND_TYPE_REGISTER_AGENT":  18,
+		"COMMAND_TYPE_DELETE_AGENT":    19,
 	}
 )
 
@@ -297,6 +303,7 @@ const (
 	RecordType_RECORD_TYPE_NAR_INFO    RecordType = 8
 	RecordType_RECORD_TYPE_LOG         RecordType = 9
 	RecordType_RECORD_TYPE_PIN         RecordType = 10
+	RecordType_RECORD_TYPE_AGENT       RecordType = 11
 )
 
 // Enum value maps for RecordType.
@@ -313,6 +320,7 @@ var (
 		8:  "RECORD_TYPE_NAR_INFO",
 		9:  "RECORD_TYPE_LOG",
 		10: "RECORD_TYPE_PIN",
+		11: "RECORD_TYPE_AGENT",
 	}
 	RecordType_value = map[string]int32{
 		"RECORD_TYPE_UNSPECIFIED": 0,
@@ -326,6 +334,7 @@ var (
 		"RECORD_TYPE_NAR_INFO":    8,
 		"RECORD_TYPE_LOG":         9,
 		"RECORD_TYPE_PIN":         10,
+		"RECORD_TYPE_AGENT":       11,
 	}
 )
 
@@ -1214,9 +1223,13 @@ type Step struct {
 	Refs uint32 `protobuf:"varint,16,opt,name=refs,proto3" json:"refs,omitempty"`
 	// Steps whose input_drvs contain this one (kept here rather than in a
 	// multi-value index: it is a fraction of the memory at a million steps).
-	Dependents    []string `protobuf:"bytes,17,rep,name=dependents,proto3" json:"dependents,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Dependents []string `protobuf:"bytes,17,rep,name=dependents,proto3" json:"dependents,omitempty"`
+	// The highest priority and global priority of the builds that need it:
+	// the scheduler's order is global priority, priority, then age.
+	Priority       int32 `protobuf:"varint,18,opt,name=priority,proto3" json:"priority,omitempty"`
+	GlobalPriority int64 `protobuf:"varint,19,opt,name=global_priority,json=globalPriority,proto3" json:"global_priority,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *Step) Reset() {
@@ -1368,6 +1381,20 @@ func (x *Step) GetDependents() []string {
 	return nil
 }
 
+func (x *Step) GetPriority() int32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+func (x *Step) GetGlobalPriority() int64 {
+	if x != nil {
+		return x.GlobalPriority
+	}
+	return 0
+}
+
 type Lease struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"` // the Raft index of its grant: the fencing token
@@ -1513,6 +1540,123 @@ func (x *Node) GetHttpAddr() string {
 	return ""
 }
 
+// A registered build agent. Its credential is kept as a SHA-256 hash only.
+type Agent struct {
+	state             protoimpl.MessageState `protogen:"open.v1"`
+	Id                string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	Name              string                 `protobuf:"bytes,2,opt,name=name,proto3" json:"name,omitempty"`
+	CredentialSha256  string                 `protobuf:"bytes,3,opt,name=credential_sha256,json=credentialSha256,proto3" json:"credential_sha256,omitempty"`    // hex
+	Systems           []string               `protobuf:"bytes,4,rep,name=systems,proto3" json:"systems,omitempty"`                                              // sorted, unique
+	SupportedFeatures []string               `protobuf:"bytes,5,rep,name=supported_features,json=supportedFeatures,proto3" json:"supported_features,omitempty"` // sorted, unique
+	MandatoryFeatures []string               `protobuf:"bytes,6,rep,name=mandatory_features,json=mandatoryFeatures,proto3" json:"mandatory_features,omitempty"` // sorted, unique
+	MaxJobs           uint32                 `protobuf:"varint,7,opt,name=max_jobs,json=maxJobs,proto3" json:"max_jobs,omitempty"`
+	SpeedFactor       float32                `protobuf:"fixed32,8,opt,name=speed_factor,json=speedFactor,proto3" json:"speed_factor,omitempty"`
+	NixVersion        string                 `protobuf:"bytes,9,opt,name=nix_version,json=nixVersion,proto3" json:"nix_version,omitempty"`
+	RegisteredAt      int64                  `protobuf:"varint,10,opt,name=registered_at,json=registeredAt,proto3" json:"registered_at,omitempty"`
+	unknownFields     protoimpl.UnknownFields
+	sizeCache         protoimpl.SizeCache
+}
+
+func (x *Agent) Reset() {
+	*x = Agent{}
+	mi := &file_fsm_proto_msgTypes[11]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Agent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Agent) ProtoMessage() {}
+
+func (x *Agent) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[11]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Agent.ProtoReflect.Descriptor instead.
+func (*Agent) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{11}
+}
+
+func (x *Agent) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
+func (x *Agent) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *Agent) GetCredentialSha256() string {
+	if x != nil {
+		return x.CredentialSha256
+	}
+	return ""
+}
+
+func (x *Agent) GetSystems() []string {
+	if x != nil {
+		return x.Systems
+	}
+	return nil
+}
+
+func (x *Agent) GetSupportedFeatures() []string {
+	if x != nil {
+		return x.SupportedFeatures
+	}
+	return nil
+}
+
+func (x *Agent) GetMandatoryFeatures() []string {
+	if x != nil {
+		return x.MandatoryFeatures
+	}
+	return nil
+}
+
+func (x *Agent) GetMaxJobs() uint32 {
+	if x != nil {
+		return x.MaxJobs
+	}
+	return 0
+}
+
+func (x *Agent) GetSpeedFactor() float32 {
+	if x != nil {
+		return x.SpeedFactor
+	}
+	return 0
+}
+
+func (x *Agent) GetNixVersion() string {
+	if x != nil {
+		return x.NixVersion
+	}
+	return ""
+}
+
+func (x *Agent) GetRegisteredAt() int64 {
+	if x != nil {
+		return x.RegisteredAt
+	}
+	return 0
+}
+
 // A store path in the binary cache: what its .narinfo says, and the blob
 // (SHA-256 hex of the compressed file) holding its NAR.
 type NarInfo struct {
@@ -1537,7 +1681,7 @@ type NarInfo struct {
 
 func (x *NarInfo) Reset() {
 	*x = NarInfo{}
-	mi := &file_fsm_proto_msgTypes[11]
+	mi := &file_fsm_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1549,7 +1693,7 @@ func (x *NarInfo) String() string {
 func (*NarInfo) ProtoMessage() {}
 
 func (x *NarInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[11]
+	mi := &file_fsm_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1562,7 +1706,7 @@ func (x *NarInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NarInfo.ProtoReflect.Descriptor instead.
 func (*NarInfo) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{11}
+	return file_fsm_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *NarInfo) GetStorePath() string {
@@ -1676,7 +1820,7 @@ type LogRecord struct {
 
 func (x *LogRecord) Reset() {
 	*x = LogRecord{}
-	mi := &file_fsm_proto_msgTypes[12]
+	mi := &file_fsm_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1688,7 +1832,7 @@ func (x *LogRecord) String() string {
 func (*LogRecord) ProtoMessage() {}
 
 func (x *LogRecord) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[12]
+	mi := &file_fsm_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1701,7 +1845,7 @@ func (x *LogRecord) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogRecord.ProtoReflect.Descriptor instead.
 func (*LogRecord) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{12}
+	return file_fsm_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *LogRecord) GetDrvPath() string {
@@ -1744,7 +1888,7 @@ type Pin struct {
 
 func (x *Pin) Reset() {
 	*x = Pin{}
-	mi := &file_fsm_proto_msgTypes[13]
+	mi := &file_fsm_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1756,7 +1900,7 @@ func (x *Pin) String() string {
 func (*Pin) ProtoMessage() {}
 
 func (x *Pin) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[13]
+	mi := &file_fsm_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1769,7 +1913,7 @@ func (x *Pin) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Pin.ProtoReflect.Descriptor instead.
 func (*Pin) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{13}
+	return file_fsm_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *Pin) GetStorePath() string {
@@ -1807,7 +1951,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_fsm_proto_msgTypes[14]
+	mi := &file_fsm_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1819,7 +1963,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[14]
+	mi := &file_fsm_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1832,7 +1976,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{14}
+	return file_fsm_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *Command) GetType() CommandType {
@@ -1873,7 +2017,7 @@ type Entry struct {
 
 func (x *Entry) Reset() {
 	*x = Entry{}
-	mi := &file_fsm_proto_msgTypes[15]
+	mi := &file_fsm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1885,7 +2029,7 @@ func (x *Entry) String() string {
 func (*Entry) ProtoMessage() {}
 
 func (x *Entry) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[15]
+	mi := &file_fsm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1898,7 +2042,7 @@ func (x *Entry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Entry.ProtoReflect.Descriptor instead.
 func (*Entry) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{15}
+	return file_fsm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Entry) GetCommands() []*Command {
@@ -1916,7 +2060,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_fsm_proto_msgTypes[16]
+	mi := &file_fsm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1928,7 +2072,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[16]
+	mi := &file_fsm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1941,7 +2085,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{16}
+	return file_fsm_proto_rawDescGZIP(), []int{17}
 }
 
 type DerivationNode struct {
@@ -1957,7 +2101,7 @@ type DerivationNode struct {
 
 func (x *DerivationNode) Reset() {
 	*x = DerivationNode{}
-	mi := &file_fsm_proto_msgTypes[17]
+	mi := &file_fsm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1969,7 +2113,7 @@ func (x *DerivationNode) String() string {
 func (*DerivationNode) ProtoMessage() {}
 
 func (x *DerivationNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[17]
+	mi := &file_fsm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1982,7 +2126,7 @@ func (x *DerivationNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DerivationNode.ProtoReflect.Descriptor instead.
 func (*DerivationNode) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{17}
+	return file_fsm_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *DerivationNode) GetDrvPath() string {
@@ -2030,7 +2174,7 @@ type SubmitBuild struct {
 
 func (x *SubmitBuild) Reset() {
 	*x = SubmitBuild{}
-	mi := &file_fsm_proto_msgTypes[18]
+	mi := &file_fsm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2042,7 +2186,7 @@ func (x *SubmitBuild) String() string {
 func (*SubmitBuild) ProtoMessage() {}
 
 func (x *SubmitBuild) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[18]
+	mi := &file_fsm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2055,7 +2199,7 @@ func (x *SubmitBuild) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitBuild.ProtoReflect.Descriptor instead.
 func (*SubmitBuild) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{18}
+	return file_fsm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *SubmitBuild) GetBuild() *Build {
@@ -2082,7 +2226,7 @@ type CancelBuild struct {
 
 func (x *CancelBuild) Reset() {
 	*x = CancelBuild{}
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2094,7 +2238,7 @@ func (x *CancelBuild) String() string {
 func (*CancelBuild) ProtoMessage() {}
 
 func (x *CancelBuild) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2107,7 +2251,7 @@ func (x *CancelBuild) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBuild.ProtoReflect.Descriptor instead.
 func (*CancelBuild) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{19}
+	return file_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *CancelBuild) GetId() uint64 {
@@ -2133,7 +2277,7 @@ type PutProject struct {
 
 func (x *PutProject) Reset() {
 	*x = PutProject{}
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2145,7 +2289,7 @@ func (x *PutProject) String() string {
 func (*PutProject) ProtoMessage() {}
 
 func (x *PutProject) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2158,7 +2302,7 @@ func (x *PutProject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutProject.ProtoReflect.Descriptor instead.
 func (*PutProject) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{20}
+	return file_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *PutProject) GetProject() *Project {
@@ -2177,7 +2321,7 @@ type DeleteProject struct {
 
 func (x *DeleteProject) Reset() {
 	*x = DeleteProject{}
-	mi := &file_fsm_proto_msgTypes[21]
+	mi := &file_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2189,7 +2333,7 @@ func (x *DeleteProject) String() string {
 func (*DeleteProject) ProtoMessage() {}
 
 func (x *DeleteProject) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[21]
+	mi := &file_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2202,7 +2346,7 @@ func (x *DeleteProject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteProject.ProtoReflect.Descriptor instead.
 func (*DeleteProject) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{21}
+	return file_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *DeleteProject) GetName() string {
@@ -2221,7 +2365,7 @@ type PutJobset struct {
 
 func (x *PutJobset) Reset() {
 	*x = PutJobset{}
-	mi := &file_fsm_proto_msgTypes[22]
+	mi := &file_fsm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2233,7 +2377,7 @@ func (x *PutJobset) String() string {
 func (*PutJobset) ProtoMessage() {}
 
 func (x *PutJobset) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[22]
+	mi := &file_fsm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2246,7 +2390,7 @@ func (x *PutJobset) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutJobset.ProtoReflect.Descriptor instead.
 func (*PutJobset) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{22}
+	return file_fsm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *PutJobset) GetJobset() *Jobset {
@@ -2266,7 +2410,7 @@ type DeleteJobset struct {
 
 func (x *DeleteJobset) Reset() {
 	*x = DeleteJobset{}
-	mi := &file_fsm_proto_msgTypes[23]
+	mi := &file_fsm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2278,7 +2422,7 @@ func (x *DeleteJobset) String() string {
 func (*DeleteJobset) ProtoMessage() {}
 
 func (x *DeleteJobset) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[23]
+	mi := &file_fsm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2291,7 +2435,7 @@ func (x *DeleteJobset) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteJobset.ProtoReflect.Descriptor instead.
 func (*DeleteJobset) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{23}
+	return file_fsm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *DeleteJobset) GetProject() string {
@@ -2317,7 +2461,7 @@ type PutNode struct {
 
 func (x *PutNode) Reset() {
 	*x = PutNode{}
-	mi := &file_fsm_proto_msgTypes[24]
+	mi := &file_fsm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2329,7 +2473,7 @@ func (x *PutNode) String() string {
 func (*PutNode) ProtoMessage() {}
 
 func (x *PutNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[24]
+	mi := &file_fsm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2342,7 +2486,7 @@ func (x *PutNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutNode.ProtoReflect.Descriptor instead.
 func (*PutNode) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{24}
+	return file_fsm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *PutNode) GetNode() *Node {
@@ -2361,7 +2505,7 @@ type DeleteNode struct {
 
 func (x *DeleteNode) Reset() {
 	*x = DeleteNode{}
-	mi := &file_fsm_proto_msgTypes[25]
+	mi := &file_fsm_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2373,7 +2517,7 @@ func (x *DeleteNode) String() string {
 func (*DeleteNode) ProtoMessage() {}
 
 func (x *DeleteNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[25]
+	mi := &file_fsm_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2386,7 +2530,7 @@ func (x *DeleteNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNode.ProtoReflect.Descriptor instead.
 func (*DeleteNode) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{25}
+	return file_fsm_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *DeleteNode) GetId() string {
@@ -2407,7 +2551,7 @@ type GrantLease struct {
 
 func (x *GrantLease) Reset() {
 	*x = GrantLease{}
-	mi := &file_fsm_proto_msgTypes[26]
+	mi := &file_fsm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2419,7 +2563,7 @@ func (x *GrantLease) String() string {
 func (*GrantLease) ProtoMessage() {}
 
 func (x *GrantLease) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[26]
+	mi := &file_fsm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2432,7 +2576,7 @@ func (x *GrantLease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GrantLease.ProtoReflect.Descriptor instead.
 func (*GrantLease) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{26}
+	return file_fsm_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *GrantLease) GetAgentId() string {
@@ -2469,7 +2613,7 @@ type CompleteLease struct {
 
 func (x *CompleteLease) Reset() {
 	*x = CompleteLease{}
-	mi := &file_fsm_proto_msgTypes[27]
+	mi := &file_fsm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2481,7 +2625,7 @@ func (x *CompleteLease) String() string {
 func (*CompleteLease) ProtoMessage() {}
 
 func (x *CompleteLease) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[27]
+	mi := &file_fsm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2494,7 +2638,7 @@ func (x *CompleteLease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteLease.ProtoReflect.Descriptor instead.
 func (*CompleteLease) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{27}
+	return file_fsm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *CompleteLease) GetLeaseId() uint64 {
@@ -2544,7 +2688,7 @@ type ExpireLease struct {
 
 func (x *ExpireLease) Reset() {
 	*x = ExpireLease{}
-	mi := &file_fsm_proto_msgTypes[28]
+	mi := &file_fsm_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2556,7 +2700,7 @@ func (x *ExpireLease) String() string {
 func (*ExpireLease) ProtoMessage() {}
 
 func (x *ExpireLease) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[28]
+	mi := &file_fsm_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2569,7 +2713,7 @@ func (x *ExpireLease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireLease.ProtoReflect.Descriptor instead.
 func (*ExpireLease) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{28}
+	return file_fsm_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ExpireLease) GetLeaseId() uint64 {
@@ -2603,15 +2747,18 @@ func (x *ExpireLease) GetBackoffSeconds() int64 {
 // PutNarInfo records a path whose blob a quorum holds. A path already
 // recorded keeps its first record (as a Nix binary cache does).
 type PutNarInfo struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NarInfo       *NarInfo               `protobuf:"bytes,1,opt,name=nar_info,json=narInfo,proto3" json:"nar_info,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	NarInfo *NarInfo               `protobuf:"bytes,1,opt,name=nar_info,json=narInfo,proto3" json:"nar_info,omitempty"`
+	// An agent's upload names its lease: the record is refused unless the
+	// lease is current and its step has this path as an output.
+	LeaseId       uint64 `protobuf:"varint,2,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *PutNarInfo) Reset() {
 	*x = PutNarInfo{}
-	mi := &file_fsm_proto_msgTypes[29]
+	mi := &file_fsm_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2623,7 +2770,7 @@ func (x *PutNarInfo) String() string {
 func (*PutNarInfo) ProtoMessage() {}
 
 func (x *PutNarInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[29]
+	mi := &file_fsm_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2636,7 +2783,7 @@ func (x *PutNarInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutNarInfo.ProtoReflect.Descriptor instead.
 func (*PutNarInfo) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{29}
+	return file_fsm_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *PutNarInfo) GetNarInfo() *NarInfo {
@@ -2644,6 +2791,13 @@ func (x *PutNarInfo) GetNarInfo() *NarInfo {
 		return x.NarInfo
 	}
 	return nil
+}
+
+func (x *PutNarInfo) GetLeaseId() uint64 {
+	if x != nil {
+		return x.LeaseId
+	}
+	return 0
 }
 
 type PutLog struct {
@@ -2655,7 +2809,7 @@ type PutLog struct {
 
 func (x *PutLog) Reset() {
 	*x = PutLog{}
-	mi := &file_fsm_proto_msgTypes[30]
+	mi := &file_fsm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2667,7 +2821,7 @@ func (x *PutLog) String() string {
 func (*PutLog) ProtoMessage() {}
 
 func (x *PutLog) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[30]
+	mi := &file_fsm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2680,7 +2834,7 @@ func (x *PutLog) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutLog.ProtoReflect.Descriptor instead.
 func (*PutLog) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{30}
+	return file_fsm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *PutLog) GetLog() *LogRecord {
@@ -2699,7 +2853,7 @@ type PinPath struct {
 
 func (x *PinPath) Reset() {
 	*x = PinPath{}
-	mi := &file_fsm_proto_msgTypes[31]
+	mi := &file_fsm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2711,7 +2865,7 @@ func (x *PinPath) String() string {
 func (*PinPath) ProtoMessage() {}
 
 func (x *PinPath) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[31]
+	mi := &file_fsm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2724,7 +2878,7 @@ func (x *PinPath) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinPath.ProtoReflect.Descriptor instead.
 func (*PinPath) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{31}
+	return file_fsm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *PinPath) GetPin() *Pin {
@@ -2743,7 +2897,7 @@ type UnpinPath struct {
 
 func (x *UnpinPath) Reset() {
 	*x = UnpinPath{}
-	mi := &file_fsm_proto_msgTypes[32]
+	mi := &file_fsm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2755,7 +2909,7 @@ func (x *UnpinPath) String() string {
 func (*UnpinPath) ProtoMessage() {}
 
 func (x *UnpinPath) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[32]
+	mi := &file_fsm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2768,7 +2922,7 @@ func (x *UnpinPath) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpinPath.ProtoReflect.Descriptor instead.
 func (*UnpinPath) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{32}
+	return file_fsm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *UnpinPath) GetStorePath() string {
@@ -2793,7 +2947,7 @@ type CollectGarbage struct {
 
 func (x *CollectGarbage) Reset() {
 	*x = CollectGarbage{}
-	mi := &file_fsm_proto_msgTypes[33]
+	mi := &file_fsm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2805,7 +2959,7 @@ func (x *CollectGarbage) String() string {
 func (*CollectGarbage) ProtoMessage() {}
 
 func (x *CollectGarbage) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[33]
+	mi := &file_fsm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2818,7 +2972,7 @@ func (x *CollectGarbage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectGarbage.ProtoReflect.Descriptor instead.
 func (*CollectGarbage) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{33}
+	return file_fsm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *CollectGarbage) GetGraceSeconds() int64 {
@@ -2835,6 +2989,94 @@ func (x *CollectGarbage) GetMaxDeletes() uint32 {
 	return 0
 }
 
+type RegisterAgent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Agent         *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RegisterAgent) Reset() {
+	*x = RegisterAgent{}
+	mi := &file_fsm_proto_msgTypes[35]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RegisterAgent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RegisterAgent) ProtoMessage() {}
+
+func (x *RegisterAgent) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[35]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RegisterAgent.ProtoReflect.Descriptor instead.
+func (*RegisterAgent) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{35}
+}
+
+func (x *RegisterAgent) GetAgent() *Agent {
+	if x != nil {
+		return x.Agent
+	}
+	return nil
+}
+
+type DeleteAgent struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            string                 `protobuf:"bytes,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteAgent) Reset() {
+	*x = DeleteAgent{}
+	mi := &file_fsm_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteAgent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteAgent) ProtoMessage() {}
+
+func (x *DeleteAgent) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteAgent.ProtoReflect.Descriptor instead.
+func (*DeleteAgent) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *DeleteAgent) GetId() string {
+	if x != nil {
+		return x.Id
+	}
+	return ""
+}
+
 type SnapshotHeader struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Version       uint32                 `protobuf:"varint,1,opt,name=version,proto3" json:"version,omitempty"`
@@ -2848,7 +3090,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_fsm_proto_msgTypes[34]
+	mi := &file_fsm_proto_msgTypes[37]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2860,7 +3102,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[34]
+	mi := &file_fsm_proto_msgTypes[37]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2873,7 +3115,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{34}
+	return file_fsm_proto_rawDescGZIP(), []int{37}
 }
 
 func (x *SnapshotHeader) GetVersion() uint32 {
@@ -3003,7 +3245,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\"0\n" +
 	"\x06Output\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
-	"\x04path\x18\x02 \x01(\tR\x04path\"\xae\x04\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\"\xf3\x04\n" +
 	"\x04Step\x12\x19\n" +
 	"\bdrv_path\x18\x01 \x01(\tR\adrvPath\x12-\n" +
 	"\aoutputs\x18\x02 \x03(\v2\x13.kiln.fsm.v1.OutputR\aoutputs\x12\x1d\n" +
@@ -3030,7 +3272,9 @@ const file_fsm_proto_rawDesc = "" +
 	"\x04refs\x18\x10 \x01(\rR\x04refs\x12\x1e\n" +
 	"\n" +
 	"dependents\x18\x11 \x03(\tR\n" +
-	"dependents\"\xa5\x01\n" +
+	"dependents\x12\x1a\n" +
+	"\bpriority\x18\x12 \x01(\x05R\bpriority\x12'\n" +
+	"\x0fglobal_priority\x18\x13 \x01(\x03R\x0eglobalPriority\"\xa5\x01\n" +
 	"\x05Lease\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x19\n" +
 	"\bagent_id\x18\x02 \x01(\tR\aagentId\x12\x19\n" +
@@ -3043,7 +3287,20 @@ const file_fsm_proto_rawDesc = "" +
 	"\x04Node\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\tR\x02id\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +
-	"\thttp_addr\x18\x03 \x01(\tR\bhttpAddr\"\xf5\x02\n" +
+	"\thttp_addr\x18\x03 \x01(\tR\bhttpAddr\"\xd4\x02\n" +
+	"\x05Agent\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\x12\x12\n" +
+	"\x04name\x18\x02 \x01(\tR\x04name\x12+\n" +
+	"\x11credential_sha256\x18\x03 \x01(\tR\x10credentialSha256\x12\x18\n" +
+	"\asystems\x18\x04 \x03(\tR\asystems\x12-\n" +
+	"\x12supported_features\x18\x05 \x03(\tR\x11supportedFeatures\x12-\n" +
+	"\x12mandatory_features\x18\x06 \x03(\tR\x11mandatoryFeatures\x12\x19\n" +
+	"\bmax_jobs\x18\a \x01(\rR\amaxJobs\x12!\n" +
+	"\fspeed_factor\x18\b \x01(\x02R\vspeedFactor\x12\x1f\n" +
+	"\vnix_version\x18\t \x01(\tR\n" +
+	"nixVersion\x12#\n" +
+	"\rregistered_at\x18\n" +
+	" \x01(\x03R\fregisteredAt\"\xf5\x02\n" +
 	"\aNarInfo\x12\x1d\n" +
 	"\n" +
 	"store_path\x18\x01 \x01(\tR\tstorePath\x12\x10\n" +
@@ -3128,10 +3385,11 @@ const file_fsm_proto_rawDesc = "" +
 	"\blease_id\x18\x01 \x01(\x04R\aleaseId\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1b\n" +
 	"\tmax_tries\x18\x03 \x01(\rR\bmaxTries\x12'\n" +
-	"\x0fbackoff_seconds\x18\x04 \x01(\x03R\x0ebackoffSeconds\"=\n" +
+	"\x0fbackoff_seconds\x18\x04 \x01(\x03R\x0ebackoffSeconds\"X\n" +
 	"\n" +
 	"PutNarInfo\x12/\n" +
-	"\bnar_info\x18\x01 \x01(\v2\x14.kiln.fsm.v1.NarInfoR\anarInfo\"2\n" +
+	"\bnar_info\x18\x01 \x01(\v2\x14.kiln.fsm.v1.NarInfoR\anarInfo\x12\x19\n" +
+	"\blease_id\x18\x02 \x01(\x04R\aleaseId\"2\n" +
 	"\x06PutLog\x12(\n" +
 	"\x03log\x18\x01 \x01(\v2\x16.kiln.fsm.v1.LogRecordR\x03log\"-\n" +
 	"\aPinPath\x12\"\n" +
@@ -3142,7 +3400,11 @@ const file_fsm_proto_rawDesc = "" +
 	"\x0eCollectGarbage\x12#\n" +
 	"\rgrace_seconds\x18\x01 \x01(\x03R\fgraceSeconds\x12\x1f\n" +
 	"\vmax_deletes\x18\x02 \x01(\rR\n" +
-	"maxDeletes\"\x9a\x01\n" +
+	"maxDeletes\"9\n" +
+	"\rRegisterAgent\x12(\n" +
+	"\x05agent\x18\x01 \x01(\v2\x12.kiln.fsm.v1.AgentR\x05agent\"\x1d\n" +
+	"\vDeleteAgent\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\tR\x02id\"\x9a\x01\n" +
 	"\x0eSnapshotHeader\x12\x18\n" +
 	"\aversion\x18\x01 \x01(\rR\aversion\x12\x14\n" +
 	"\x05index\x18\x02 \x01(\x04R\x05index\x12\x12\n" +
@@ -3162,7 +3424,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\x11STEP_STATE_LEASED\x10\x03\x12\x18\n" +
 	"\x14STEP_STATE_SUCCEEDED\x10\x04\x12\x15\n" +
 	"\x11STEP_STATE_FAILED\x10\x05\x12\x18\n" +
-	"\x14STEP_STATE_CANCELLED\x10\x06*\xa6\x04\n" +
+	"\x14STEP_STATE_CANCELLED\x10\x06*\xe6\x04\n" +
 	"\vCommandType\x12\x1c\n" +
 	"\x18COMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11COMMAND_TYPE_NOOP\x10\x01\x12\x1d\n" +
@@ -3182,13 +3444,15 @@ const file_fsm_proto_rawDesc = "" +
 	"\x14COMMAND_TYPE_PUT_LOG\x10\x0e\x12\x19\n" +
 	"\x15COMMAND_TYPE_PIN_PATH\x10\x0f\x12\x1b\n" +
 	"\x17COMMAND_TYPE_UNPIN_PATH\x10\x10\x12 \n" +
-	"\x1cCOMMAND_TYPE_COLLECT_GARBAGE\x10\x11*\x9e\x01\n" +
+	"\x1cCOMMAND_TYPE_COLLECT_GARBAGE\x10\x11\x12\x1f\n" +
+	"\x1bCOMMAND_TYPE_REGISTER_AGENT\x10\x12\x12\x1d\n" +
+	"\x19COMMAND_TYPE_DELETE_AGENT\x10\x13*\x9e\x01\n" +
 	"\fLeaseOutcome\x12\x1d\n" +
 	"\x19LEASE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17LEASE_OUTCOME_SUCCEEDED\x10\x01\x12\x18\n" +
 	"\x14LEASE_OUTCOME_FAILED\x10\x02\x12\x1b\n" +
 	"\x17LEASE_OUTCOME_TRANSIENT\x10\x03\x12\x1b\n" +
-	"\x17LEASE_OUTCOME_TIMED_OUT\x10\x04*\x8e\x02\n" +
+	"\x17LEASE_OUTCOME_TIMED_OUT\x10\x04*\xa5\x02\n" +
 	"\n" +
 	"RecordType\x12\x1b\n" +
 	"\x17RECORD_TYPE_UNSPECIFIED\x10\x00\x12\x17\n" +
@@ -3202,7 +3466,8 @@ const file_fsm_proto_rawDesc = "" +
 	"\x14RECORD_TYPE_NAR_INFO\x10\b\x12\x13\n" +
 	"\x0fRECORD_TYPE_LOG\x10\t\x12\x13\n" +
 	"\x0fRECORD_TYPE_PIN\x10\n" +
-	"B,Z*github.com/kilnci/kiln/raftfsm/fsmpb;fsmpbb\x06proto3"
+	"\x12\x15\n" +
+	"\x11RECORD_TYPE_AGENT\x10\vB,Z*github.com/kilnci/kiln/raftfsm/fsmpb;fsmpbb\x06proto3"
 
 var (
 	file_fsm_proto_rawDescOnce sync.Once
@@ -3217,7 +3482,7 @@ func file_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
 var file_fsm_proto_goTypes = []any{
 	(BuildState)(0),        // 0: kiln.fsm.v1.BuildState
 	(StepState)(0),         // 1: kiln.fsm.v1.StepState
@@ -3235,58 +3500,62 @@ var file_fsm_proto_goTypes = []any{
 	(*Step)(nil),           // 13: kiln.fsm.v1.Step
 	(*Lease)(nil),          // 14: kiln.fsm.v1.Lease
 	(*Node)(nil),           // 15: kiln.fsm.v1.Node
-	(*NarInfo)(nil),        // 16: kiln.fsm.v1.NarInfo
-	(*LogRecord)(nil),      // 17: kiln.fsm.v1.LogRecord
-	(*Pin)(nil),            // 18: kiln.fsm.v1.Pin
-	(*Command)(nil),        // 19: kiln.fsm.v1.Command
-	(*Entry)(nil),          // 20: kiln.fsm.v1.Entry
-	(*Noop)(nil),           // 21: kiln.fsm.v1.Noop
-	(*DerivationNode)(nil), // 22: kiln.fsm.v1.DerivationNode
-	(*SubmitBuild)(nil),    // 23: kiln.fsm.v1.SubmitBuild
-	(*CancelBuild)(nil),    // 24: kiln.fsm.v1.CancelBuild
-	(*PutProject)(nil),     // 25: kiln.fsm.v1.PutProject
-	(*DeleteProject)(nil),  // 26: kiln.fsm.v1.DeleteProject
-	(*PutJobset)(nil),      // 27: kiln.fsm.v1.PutJobset
-	(*DeleteJobset)(nil),   // 28: kiln.fsm.v1.DeleteJobset
-	(*PutNode)(nil),        // 29: kiln.fsm.v1.PutNode
-	(*DeleteNode)(nil),     // 30: kiln.fsm.v1.DeleteNode
-	(*GrantLease)(nil),     // 31: kiln.fsm.v1.GrantLease
-	(*CompleteLease)(nil),  // 32: kiln.fsm.v1.CompleteLease
-	(*ExpireLease)(nil),    // 33: kiln.fsm.v1.ExpireLease
-	(*PutNarInfo)(nil),     // 34: kiln.fsm.v1.PutNarInfo
-	(*PutLog)(nil),         // 35: kiln.fsm.v1.PutLog
-	(*PinPath)(nil),        // 36: kiln.fsm.v1.PinPath
-	(*UnpinPath)(nil),      // 37: kiln.fsm.v1.UnpinPath
-	(*CollectGarbage)(nil), // 38: kiln.fsm.v1.CollectGarbage
-	(*SnapshotHeader)(nil), // 39: kiln.fsm.v1.SnapshotHeader
-	nil,                    // 40: kiln.fsm.v1.Eval.InputsEntry
+	(*Agent)(nil),          // 16: kiln.fsm.v1.Agent
+	(*NarInfo)(nil),        // 17: kiln.fsm.v1.NarInfo
+	(*LogRecord)(nil),      // 18: kiln.fsm.v1.LogRecord
+	(*Pin)(nil),            // 19: kiln.fsm.v1.Pin
+	(*Command)(nil),        // 20: kiln.fsm.v1.Command
+	(*Entry)(nil),          // 21: kiln.fsm.v1.Entry
+	(*Noop)(nil),           // 22: kiln.fsm.v1.Noop
+	(*DerivationNode)(nil), // 23: kiln.fsm.v1.DerivationNode
+	(*SubmitBuild)(nil),    // 24: kiln.fsm.v1.SubmitBuild
+	(*CancelBuild)(nil),    // 25: kiln.fsm.v1.CancelBuild
+	(*PutProject)(nil),     // 26: kiln.fsm.v1.PutProject
+	(*DeleteProject)(nil),  // 27: kiln.fsm.v1.DeleteProject
+	(*PutJobset)(nil),      // 28: kiln.fsm.v1.PutJobset
+	(*DeleteJobset)(nil),   // 29: kiln.fsm.v1.DeleteJobset
+	(*PutNode)(nil),        // 30: kiln.fsm.v1.PutNode
+	(*DeleteNode)(nil),     // 31: kiln.fsm.v1.DeleteNode
+	(*GrantLease)(nil),     // 32: kiln.fsm.v1.GrantLease
+	(*CompleteLease)(nil),  // 33: kiln.fsm.v1.CompleteLease
+	(*ExpireLease)(nil),    // 34: kiln.fsm.v1.ExpireLease
+	(*PutNarInfo)(nil),     // 35: kiln.fsm.v1.PutNarInfo
+	(*PutLog)(nil),         // 36: kiln.fsm.v1.PutLog
+	(*PinPath)(nil),        // 37: kiln.fsm.v1.PinPath
+	(*UnpinPath)(nil),      // 38: kiln.fsm.v1.UnpinPath
+	(*CollectGarbage)(nil), // 39: kiln.fsm.v1.CollectGarbage
+	(*RegisterAgent)(nil),  // 40: kiln.fsm.v1.RegisterAgent
+	(*DeleteAgent)(nil),    // 41: kiln.fsm.v1.DeleteAgent
+	(*SnapshotHeader)(nil), // 42: kiln.fsm.v1.SnapshotHeader
+	nil,                    // 43: kiln.fsm.v1.Eval.InputsEntry
 }
 var file_fsm_proto_depIdxs = []int32{
 	7,  // 0: kiln.fsm.v1.Jobset.inputs:type_name -> kiln.fsm.v1.JobsetInput
-	40, // 1: kiln.fsm.v1.Eval.inputs:type_name -> kiln.fsm.v1.Eval.InputsEntry
+	43, // 1: kiln.fsm.v1.Eval.inputs:type_name -> kiln.fsm.v1.Eval.InputsEntry
 	0,  // 2: kiln.fsm.v1.Build.state:type_name -> kiln.fsm.v1.BuildState
 	12, // 3: kiln.fsm.v1.Build.outputs:type_name -> kiln.fsm.v1.Output
 	11, // 4: kiln.fsm.v1.Build.state_history:type_name -> kiln.fsm.v1.StateChange
 	12, // 5: kiln.fsm.v1.Step.outputs:type_name -> kiln.fsm.v1.Output
 	1,  // 6: kiln.fsm.v1.Step.state:type_name -> kiln.fsm.v1.StepState
 	2,  // 7: kiln.fsm.v1.Command.type:type_name -> kiln.fsm.v1.CommandType
-	19, // 8: kiln.fsm.v1.Entry.commands:type_name -> kiln.fsm.v1.Command
+	20, // 8: kiln.fsm.v1.Entry.commands:type_name -> kiln.fsm.v1.Command
 	12, // 9: kiln.fsm.v1.DerivationNode.outputs:type_name -> kiln.fsm.v1.Output
 	10, // 10: kiln.fsm.v1.SubmitBuild.build:type_name -> kiln.fsm.v1.Build
-	22, // 11: kiln.fsm.v1.SubmitBuild.graph:type_name -> kiln.fsm.v1.DerivationNode
+	23, // 11: kiln.fsm.v1.SubmitBuild.graph:type_name -> kiln.fsm.v1.DerivationNode
 	5,  // 12: kiln.fsm.v1.PutProject.project:type_name -> kiln.fsm.v1.Project
 	6,  // 13: kiln.fsm.v1.PutJobset.jobset:type_name -> kiln.fsm.v1.Jobset
 	15, // 14: kiln.fsm.v1.PutNode.node:type_name -> kiln.fsm.v1.Node
 	3,  // 15: kiln.fsm.v1.CompleteLease.outcome:type_name -> kiln.fsm.v1.LeaseOutcome
-	16, // 16: kiln.fsm.v1.PutNarInfo.nar_info:type_name -> kiln.fsm.v1.NarInfo
-	17, // 17: kiln.fsm.v1.PutLog.log:type_name -> kiln.fsm.v1.LogRecord
-	18, // 18: kiln.fsm.v1.PinPath.pin:type_name -> kiln.fsm.v1.Pin
-	9,  // 19: kiln.fsm.v1.Eval.InputsEntry.value:type_name -> kiln.fsm.v1.EvalInput
-	20, // [20:20] is the sub-list for method output_type
-	20, // [20:20] is the sub-list for method input_type
-	20, // [20:20] is the sub-list for extension type_name
-	20, // [20:20] is the sub-list for extension extendee
-	0,  // [0:20] is the sub-list for field type_name
+	17, // 16: kiln.fsm.v1.PutNarInfo.nar_info:type_name -> kiln.fsm.v1.NarInfo
+	18, // 17: kiln.fsm.v1.PutLog.log:type_name -> kiln.fsm.v1.LogRecord
+	19, // 18: kiln.fsm.v1.PinPath.pin:type_name -> kiln.fsm.v1.Pin
+	16, // 19: kiln.fsm.v1.RegisterAgent.agent:type_name -> kiln.fsm.v1.Agent
+	9,  // 20: kiln.fsm.v1.Eval.InputsEntry.value:type_name -> kiln.fsm.v1.EvalInput
+	21, // [21:21] is the sub-list for method output_type
+	21, // [21:21] is the sub-list for method input_type
+	21, // [21:21] is the sub-list for extension type_name
+	21, // [21:21] is the sub-list for extension extendee
+	0,  // [0:21] is the sub-list for field type_name
 }
 
 func init() { file_fsm_proto_init() }
@@ -3300,7 +3569,7 @@ func file_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_proto_rawDesc), len(file_fsm_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   36,
+			NumMessages:   39,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,553 @@
+package coordinator
+
+import (
+	"bytes"
+	"context"
+	"crypto/rand"
+	"crypto/sha256"
+	"crypto/subtle"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httputil"
+	"net/url"
+	"slices"
+	"strings"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/hashicorp/go-memdb"
+	"github.com/nix-community/go-nix/pkg/nixbase32"
+
+	"github.com/kilnci/kiln/raftfsm"
+	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+	"github.com/kilnci/kiln/rpc"
+	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
+	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
+)
+
+// agentService implements kiln.v1.AgentService on the leader; followers
+// proxy AgentService calls to it (leaderProxy).
+type agentService struct{ c *Coordinator }
+
+var _ kilnv1connect.AgentServiceHandler = agentService{}
+
+// liveness is the leader's memory of agents and leases: heartbeats never go
+// through Raft. A new leader starts empty, which gives every lease a fresh
+// TTL from the moment it took over.
+type liveness struct {
+	mu       sync.Mutex
+	since    time.Time            // leadership start
+	leases   map[uint64]time.Time // last heartbeat per lease
+	agents   map[string]time.Time // last call per agent
+	granting map[string]bool      // steps with a grant in flight
+	logs     map[uint64]*leaseLog // live logs by lease
+}
+
+type leaseLog struct {
+	buf       bytes.Buffer
+	nextSeq   uint64
+	truncated bool
+	done      bool
+}
+
+func newLiveness() *liveness {
+	return &liveness{since: time.Now(), leases: map[uint64]time.Time{}, agents: map[string]time.Time{},
+		granting: map[string]bool{}, logs: map[uint64]*leaseLog{}}
+}
+
+func (l *liveness) touchAgent(id string) {
+	l.mu.Lock()
+	l.agents[id] = time.Now()
+	l.mu.Unlock()
+}
+
+// agentCredential splits "Bearer <agent id>.<secret>".
+func agentCredential(h http.Header) (id, secret string, ok bool) {
+	tok, ok := rpc.BearerToken(h)
+	if !ok {
+		return "", "", false
+	}
+	return strings.Cut(tok, ".")
+}
+
+// authAgent resolves the calling agent from its credential.
+func (c *Coordinator) authAgent(h http.Header) (*pb.Agent, error) {
+	id, secret, ok := agentCredential(h)
+	if !ok {
+		return nil, fmt.Errorf("%w: missing agent credential", raftfsm.ErrUnauthenticated)
+	}
+	a, err := c.fsm.Read().Agent(id)
+	if errors.Is(err, raftfsm.ErrNotFound) {
+		return nil, fmt.Errorf("%w: unknown agent", raftfsm.ErrUnauthenticated)
+	}
+	if err != nil {
+		return nil, err
+	}
+	sum := sha256.Sum256([]byte(secret))
+	if subtle.ConstantTimeCompare([]byte(hex.EncodeToString(sum[:])), []byte(a.CredentialSha256)) != 1 {
+		return nil, fmt.Errorf("%w: agent credential not accepted", raftfsm.ErrUnauthenticated)
+	}
+	if c.live() != nil {
+		c.live().touchAgent(a.Id)
+	}
+	return a, nil
+}
+
+func (c *Coordinator) live() *liveness { return c.liveness.Load() }
+
+func sortedUnique(xs []string) []string {
+	out := slices.Clone(xs)
+	slices.Sort(out)
+	return slices.Compact(out)
+}
+
+func randomHex(n int) string {
+	b := make([]byte, n)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+func (s agentService) Register(ctx context.Context, req *connect.Request[kilnv1.RegisterRequest]) (*connect.Response[kilnv1.RegisterResponse], error) {
+	c := s.c
+	if c.cfg.AgentToken == "" {
+		return nil, rpc.Error(fmt.Errorf("%w: this cluster takes no agents (no --agent-token-file)", raftfsm.ErrForbidden))
+	}
+	if err := rpc.RequireToken(c.cfg.AgentToken)(ctx, "", req.Header()); err != nil {
+		return nil, rpc.Error(err)
+	}
+	m := req.Msg
+	secret := randomHex(32)
+	sum := sha256.Sum256([]byte(secret))
+	a := &pb.Agent{
+		Id: "agent-" + randomHex(8), Name: m.Name, CredentialSha256: hex.EncodeToString(sum[:]),
+		Systems: sortedUnique(m.Systems), SupportedFeatures: sortedUnique(m.SupportedFeatures),
+		MandatoryFeatures: sortedUnique(m.MandatoryFeatures), MaxJobs: m.MaxJobs, SpeedFactor: m.SpeedFactor,
+		NixVersion: m.NixVersion,
+	}
+	if err := c.applyOne(ctx, pb.CommandType_COMMAND_TYPE_REGISTER_AGENT, &pb.RegisterAgent{Agent: a}); err != nil {
+		return nil, rpc.Error(err)
+	}
+	c.log.Info("agent registered", "agent", a.Id, "name", a.Name, "systems", a.Systems, "features", a.SupportedFeatures)
+	return connect.NewResponse(&kilnv1.RegisterResponse{AgentId: a.Id, Credential: a.Id + "." + secret}), nil
+}
+
+func (s agentService) Lease(ctx context.Context, req *connect.Request[kilnv1.LeaseRequest]) (*connect.Response[kilnv1.LeaseResponse], error) {
+	c := s.c
+	a, err := c.authAgent(req.Header())
+	if err != nil {
+		return nil, rpc.Error(err)
+	}
+	slots := int(min(req.Msg.FreeSlots, a.MaxJobs, 64))
+	if slots == 0 {
+		slots = 1
+	}
+	wait := time.Duration(req.Msg.WaitSeconds) * time.Second
+	if wait <= 0 || wait > c.cfg.LeasePollMax {
+		wait = c.cfg.LeasePollMax
+	}
+	ctx, cancel := context.WithTimeout(ctx, wait)
+	defer cancel()
+	for {
+		live := c.live()
+		if live == nil || !c.IsLeader() {
+			return nil, rpc.Error(fmt.Errorf("%w: not the leader", raftfsm.ErrUnavailable))
+		}
+		ws := memdb.NewWatchSet()
+		r := c.fsm.Read()
+		ws.Add(r.Abandon())
+		live.mu.Lock()
+		steps, err := r.PickRunnable(ws, a, time.Now().Unix(), slots, func(d string) bool { return live.granting[d] })
+		for _, st := range steps {
+			live.granting[st.DrvPath] = true
+		}
+		live.mu.Unlock()
+		if err != nil {
+			return nil, rpc.Error(err)
+		}
+		if len(steps) > 0 {
+			leases, err := c.grant(ctx, a, steps)
+			live.mu.Lock()
+			for _, st := range steps {
+				delete(live.granting, st.DrvPath)
+			}
+			live.mu.Unlock()
+			if err != nil {
+				return nil, rpc.Error(err)
+			}
+			if len(leases) > 0 {
+				return connect.NewResponse(&kilnv1.LeaseResponse{Leases: leases}), nil
+			}
+			continue // every grant lost a race: look again
+		}
+		// Nothing fits now: wait for the runnable set to change. Steps
+		// backing off become eligible by time, so wake for those too.
+		wctx, wcancel := context.WithTimeout(ctx, time.Second)
+		err = ws.WatchCtx(wctx)
+		wcancel()
+		if ctx.Err() != nil {
+			return connect.NewResponse(&kilnv1.LeaseResponse{}), nil
+		}
+		_ = err
+	}
+}
+
+// grant commits one GrantLease per step (one Raft entry, or several shared
+// with other agents' grants by the proposer) and describes the leases.
+func (c *Coordinator) grant(ctx context.Context, a *pb.Agent, steps []*pb.Step) ([]*kilnv1.Lease, error) {
+	ttl := int64(c.cfg.LeaseTTL / time.Second)
+	var cmds []*pb.Command
+	for _, st := range steps {
+		cmd, err := raftfsm.NewCommand(pb.CommandType_COMMAND_TYPE_GRANT_LEASE, &pb.GrantLease{AgentId: a.Id, DrvPath: st.DrvPath, TtlSeconds: ttl}, 0)
+		if err != nil {
+			return nil, err
+		}
+		cmds = append(cmds, cmd)
+	}
+	res, err := c.Apply(ctx, cmds...)
+	if err != nil {
+		return nil, err
+	}
+	var out []*kilnv1.Lease
+	subs := []*kilnv1.Substituter{{Url: "http://" + c.httpAddr + "/cache", TrustedPublicKeys: nonEmpty(c.cachePublicKey)}}
+	live := c.live()
+	for i, r := range res.Results {
+		if r.Err != nil {
+			continue
+		}
+		st := steps[i]
+		if live != nil {
+			live.mu.Lock()
+			live.leases[r.ID] = time.Now()
+			live.mu.Unlock()
+		}
+		l := &kilnv1.Lease{
+			LeaseId: r.ID, DrvPath: st.DrvPath, System: st.System, RequiredFeatures: st.RequiredFeatures,
+			Substituters: subs, Attempt: st.Tries + 1, TtlSeconds: ttl,
+			BuildTimeoutSeconds: int64(c.cfg.BuildTimeout / time.Second), MaxSilentSeconds: int64(c.cfg.MaxSilent / time.Second),
+			MaxLogBytes: uint64(c.cfg.MaxLogBytes), MaxNarBytes: uint64(c.cfg.MaxNarSize),
+		}
+		for _, o := range st.Outputs {
+			l.Outputs = append(l.Outputs, &kilnv1.Output{Name: o.Name, Path: o.Path})
+		}
+		c.log.Info("lease granted", "lease", r.ID, "step", st.DrvPath, "agent", a.Id, "attempt", l.Attempt)
+		out = append(out, l)
+	}
+	return out, nil
+}
+
+func nonEmpty(s string) []string {
+	if s == "" {
+		return nil
+	}
+	return []string{s}
+}
+
+// ownLease checks that a lease is current and held by the agent.
+func (c *Coordinator) ownLease(a *pb.Agent, id uint64) (*pb.Lease, error) {
+	l, err := c.fsm.Read().Lease(id)
+	if errors.Is(err, raftfsm.ErrNotFound) {
+		return nil, fmt.Errorf("%w: lease %d is not current", raftfsm.ErrStaleLease, id)
+	}
+	if err != nil {
+		return nil, err
+	}
+	if l.AgentId != a.Id {
+		return nil, fmt.Errorf("%w: lease %d belongs to another agent", raftfsm.ErrForbidden, id)
+	}
+	return l, nil
+}
+
+func (s agentService) Heartbeat(ctx context.Context, req *connect.Request[kilnv1.HeartbeatRequest]) (*connect.Response[kilnv1.HeartbeatResponse], error) {
+	c := s.c
+	a, err := c.authAgent(req.Header())
+	if err != nil {
+		return nil, rpc.Error(err)
+	}
+	live := c.live()
+	if live == nil || !c.IsLeader() {
+		return nil, rpc.Error(fmt.Errorf("%w: not the leader", raftfsm.ErrUnavailable))
+	}
+	resp := &kilnv1.HeartbeatResponse{}
+	now := time.Now()
+	for _, id := range req.Msg.LeaseIds {
+		if _, err := c.ownLease(a, id); err != nil {
+			resp.CancelLeaseIds = append(resp.CancelLeaseIds, id)
+			continue
+		}
+		live.mu.Lock()
+		live.leases[id] = now
+		live.mu.Unlock()
+	}
+	return connect.NewResponse(resp), nil
+}
+
+func (s agentService) StreamLog(ctx context.Context, stream *connect.ClientStream[kilnv1.LogChunk]) (*connect.Response[kilnv1.StreamLogResponse], error) {
+	c := s.c
+	a, err := c.authAgent(stream.RequestHeader())
+	if err != nil {
+		return nil, rpc.Error(err)
+	}
+	live := c.live()
+	if live == nil || !c.IsLeader() {
+		return nil, rpc.Error(fmt.Errorf("%w: not the leader", raftfsm.ErrUnavailable))
+	}
+	var next uint64
+	for stream.Receive() {
+		ch := stream.Msg()
+		if _, err := c.ownLease(a, ch.LeaseId); err != nil {
+			return nil, rpc.Error(err)
+		}
+		live.mu.Lock()
+		ll := live.logs[ch.LeaseId]
+		if ll == nil {
+			ll = &leaseLog{}
+			live.logs[ch.LeaseId] = ll
+		}
+		if ch.Seq == ll.nextSeq {
+			room := c.cfg.MaxLogBytes - int64(ll.buf.Len())
+			data := ch.Data
+			if int64(len(data)) > room {
+				data, ll.truncated = data[:max(room, 0)], true
+			}
+			ll.buf.Write(data)
+			ll.nextSeq++
+			ll.done = ll.done || ch.Last
+		}
+		next = ll.nextSeq
+		live.mu.Unlock()
+	}
+	if err := stream.Err(); err != nil {
+		return nil, err
+	}
+	return connect.NewResponse(&kilnv1.StreamLogResponse{NextSeq: next}), nil
+}
+
+func (s agentService) UploadNar(ctx context.Context, stream *connect.ClientStream[kilnv1.UploadNarRequest]) (*connect.Response[kilnv1.UploadNarResponse], error) {
+	c := s.c
+	a, err := c.authAgent(stream.RequestHeader())
+	if err != nil {
+		return nil, rpc.Error(err)
+	}
+	if !stream.Receive() {
+		return nil, rpc.Error(fmt.Errorf("%w: empty upload", raftfsm.ErrInvalid))
+	}
+	hdr := stream.Msg().GetHeader()
+	if hdr == nil {
+		return nil, rpc.Error(fmt.Errorf("%w: an upload starts with its header", raftfsm.ErrInvalid))
+	}
+	if _, err := c.ownLease(a, hdr.LeaseId); err != nil {
+		return nil, rpc.Error(err)
+	}
+	fd, err := raftfsm.ValidNixHash("file_hash", hdr.FileHash)
+	if err != nil {
+		return nil, rpc.Error(err)
+	}
+	if int64(hdr.FileSize) > c.cfg.MaxNarSize || int64(hdr.NarSize) > c.cfg.MaxNarSize {
+		return nil, rpc.Error(fmt.Errorf("%w: NAR over %d bytes", raftfsm.ErrTooLarge, c.cfg.MaxNarSize))
+	}
+	blob := hex.EncodeToString(fd)
+	pr, pw := io.Pipe()
+	go func() {
+		for stream.Receive() {
+			chunk := stream.Msg().GetZstdChunk()
+			if len(chunk) > 1<<20 {
+				pw.CloseWithError(fmt.Errorf("%w: chunk over 1 MiB", raftfsm.ErrTooLarge))
+				return
+			}
+			if _, err := pw.Write(chunk); err != nil {
+				return
+			}
+		}
+		pw.CloseWithError(stream.Err())
+	}()
+	err = c.blobs.Put(ctx, blob, pr, int64(hdr.FileSize))
+	pr.CloseWithError(io.ErrClosedPipe)
+	if err != nil {
+		return nil, rpc.Error(err)
+	}
+	refs := sortedUnique(hdr.References)
+	rec := &pb.NarInfo{
+		StorePath: hdr.StorePath, Url: raftfsm.NarURL(fd), Compression: "zstd",
+		FileHash: "sha256:" + nixbase32.EncodeToString(fd), FileSize: hdr.FileSize,
+		NarHash: hdr.NarHash, NarSize: hdr.NarSize, References: refs, Deriver: hdr.Deriver, Blob: blob,
+	}
+	if err := c.cacheHandler.IngestNarInfo(ctx, rec, hdr.LeaseId); err != nil {
+		return nil, rpc.Error(err)
+	}
+	c.log.Info("output uploaded", "lease", hdr.LeaseId, "path", hdr.StorePath, "agent", a.Id, "bytes", hdr.FileSize)
+	return connect.NewResponse(&kilnv1.UploadNarResponse{Url: rec.Url}), nil
+}
+
+func (s agentService) Complete(ctx context.Context, req *connect.Request[kilnv1.CompleteRequest]) (*connect.Response[kilnv1.CompleteResponse], error) {
+	c := s.c
+	a, err := c.authAgent(req.Header())
+	if err != nil {
+		return nil, rpc.Error(err)
+	}
+	m := req.Msg
+	l, err := c.ownLease(a, m.LeaseId)
+	if err != nil {
+		return nil, rpc.Error(err)
+	}
+	outcome := map[kilnv1.Outcome]pb.LeaseOutcome{
+		kilnv1.Outcome_OUTCOME_SUCCEEDED: pb.LeaseOutcome_LEASE_OUTCOME_SUCCEEDED,
+		kilnv1.Outcome_OUTCOME_FAILED:    pb.LeaseOutcome_LEASE_OUTCOME_FAILED,
+		kilnv1.Outcome_OUTCOME_TRANSIENT: pb.LeaseOutcome_LEASE_OUTCOME_TRANSIENT,
+		kilnv1.Outcome_OUTCOME_TIMED_OUT: pb.LeaseOutcome_LEASE_OUTCOME_TIMED_OUT,
+	}[m.Outcome]
+	if outcome == pb.LeaseOutcome_LEASE_OUTCOME_UNSPECIFIED {
+		return nil, rpc.Error(fmt.Errorf("%w: outcome %v", raftfsm.ErrInvalid, m.Outcome))
+	}
+	r := c.fsm.Read()
+	step, err := r.Step(l.DrvPath)
+	if err != nil {
+		return nil, rpc.Error(err)
+	}
+	if outcome == pb.LeaseOutcome_LEASE_OUTCOME_SUCCEEDED {
+		// A step succeeds only when every output is in the cache.
+		for _, o := range step.Outputs {
+			if _, err := r.NarInfo(raftfsm.HashPart(o.Path)); err != nil {
+				return nil, rpc.Error(fmt.Errorf("%w: output %s has not been uploaded", raftfsm.ErrStaleLease, o.Path))
+			}
+		}
+	}
+	// The finished log is stored before the step completes.
+	if live := c.live(); live != nil {
+		live.mu.Lock()
+		ll := live.logs[m.LeaseId]
+		var logBytes []byte
+		if ll != nil {
+			logBytes = bytes.Clone(ll.buf.Bytes())
+		}
+		live.mu.Unlock()
+		if ll != nil {
+			if err := c.cacheHandler.IngestLog(ctx, l.DrvPath, bytes.NewReader(logBytes)); err != nil {
+				return nil, rpc.Error(fmt.Errorf("storing the log: %w", err))
+			}
+		}
+	}
+	cmd, err := raftfsm.NewCommand(pb.CommandType_COMMAND_TYPE_COMPLETE_LEASE, &pb.CompleteLease{
+		LeaseId: m.LeaseId, Outcome: outcome, Error: m.Error, MaxTries: c.cfg.MaxTries, BackoffSeconds: int64(c.cfg.RetryBackoff / time.Second),
+	}, 0)
+	if err != nil {
+		return nil, rpc.Error(err)
+	}
+	res, err := c.Apply(ctx, cmd)
+	if err == nil {
+		err = res.Results[0].Err
+	}
+	if err != nil {
+		return nil, rpc.Error(err)
+	}
+	if live := c.live(); live != nil {
+		live.mu.Lock()
+		delete(live.leases, m.LeaseId)
+		delete(live.logs, m.LeaseId)
+		live.mu.Unlock()
+	}
+	c.log.Info("lease completed", "lease", m.LeaseId, "step", l.DrvPath, "agent", a.Id, "outcome", outcome.String())
+	return connect.NewResponse(&kilnv1.CompleteResponse{}), nil
+}
+
+// runLeaseExpiryLoop (leader only) expires leases whose agent stopped
+// heartbeating for the lease TTL. Leases the leader has not heard about
+// since it took over count from then: every lease gets a fresh TTL.
+func (c *Coordinator) runLeaseExpiryLoop(ctx context.Context, live *liveness) {
+	for {
+		if sleepCtx(ctx, jitter(c.cfg.LeaseTTL/10)) != nil {
+			return
+		}
+		if !c.IsLeader() {
+			continue
+		}
+		leases, err := c.fsm.Read().Leases()
+		if err != nil {
+			c.log.Error("listing leases", "err", err)
+			continue
+		}
+		now := time.Now()
+		var cmds []*pb.Command
+		var ids []uint64
+		live.mu.Lock()
+		for _, l := range leases {
+			last := live.since
+			if hb := live.leases[l.Id]; hb.After(last) {
+				last = hb
+			}
+			if now.Sub(last) <= c.cfg.LeaseTTL {
+				continue
+			}
+			cmd, err := raftfsm.NewCommand(pb.CommandType_COMMAND_TYPE_EXPIRE_LEASE, &pb.ExpireLease{
+				LeaseId: l.Id, Reason: fmt.Sprintf("agent %s sent no heartbeat for %v", l.AgentId, c.cfg.LeaseTTL),
+				MaxTries: c.cfg.MaxTries, BackoffSeconds: int64(c.cfg.RetryBackoff / time.Second),
+			}, 0)
+			if err == nil {
+				cmds = append(cmds, cmd)
+				ids = append(ids, l.Id)
+			}
+		}
+		live.mu.Unlock()
+		if len(cmds) == 0 {
+			continue
+		}
+		res, err := c.Apply(ctx, cmds...)
+		if err != nil {
+			c.log.Warn("expiring leases", "err", err)
+			continue
+		}
+		live.mu.Lock()
+		for i, r := range res.Results {
+			delete(live.leases, ids[i])
+			delete(live.logs, ids[i])
+			if r.Err == nil {
+				c.log.Warn("lease expired", "lease", ids[i], "reason", "no heartbeat")
+			}
+		}
+		live.mu.Unlock()
+	}
+}
+
+// leaderProxy sends AgentService calls that reach a follower to the
+// leader, streams included, so agents may use any coordinator.
+func (c *Coordinator) leaderProxy(next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if c.IsLeader() || r.Header.Get("Kiln-Forwarded") != "" {
+			next.ServeHTTP(w, r)
+			return
+		}
+		addr, err := c.leaderHTTPAddr()
+		if err != nil {
+			w.Header().Set("Content-Type", "application/json")
+			w.WriteHeader(http.StatusServiceUnavailable)
+			fmt.Fprintf(w, `{"code":"unavailable","message":%q}`, err.Error())
+			return
+		}
+		target := &url.URL{Scheme: "http", Host: addr}
+		p := &httputil.ReverseProxy{
+			Rewrite: func(pr *httputil.ProxyRequest) {
+				pr.SetURL(target)
+				pr.Out.Header.Set("Kiln-Forwarded", c.id)
+			},
+			Transport:     c.blobClient.Transport,
+			FlushInterval: -1,
+		}
+		p.ServeHTTP(w, r)
+	})
+}
+
+// leaderHTTPAddr is the leader's HTTP address from the replicated nodes.
+func (c *Coordinator) leaderHTTPAddr() (string, error) {
+	_, id := c.raft.LeaderWithID()
+	if id == "" {
+		return "", fmt.Errorf("%w: no leader", raftfsm.ErrNoLeader)
+	}
+	n, err := c.fsm.Read().Node(string(id))
+	if err != nil || n.HttpAddr == "" {
+		return "", fmt.Errorf("%w: leader %s has no known HTTP address", raftfsm.ErrUnavailable, id)
+	}
+	return n.HttpAddr, nil
+}

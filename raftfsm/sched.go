@@ -1,0 +1,139 @@
+package raftfsm
+
+import (
+	"bytes"
+	"slices"
+
+	"github.com/hashicorp/go-memdb"
+
+	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+)
+
+// Fits reports whether an agent may build a step: its systems include the
+// step's, its supported features cover the step's required ones, and the
+// step requires every feature the agent makes mandatory.
+func Fits(a *pb.Agent, system string, required []string) bool {
+	if !slices.Contains(a.Systems, system) {
+		return false
+	}
+	for _, f := range required {
+		if !slices.Contains(a.SupportedFeatures, f) {
+			return false
+		}
+	}
+	for _, m := range a.MandatoryFeatures {
+		if !slices.Contains(required, m) {
+			return false
+		}
+	}
+	return true
+}
+
+// schedBefore is the scheduler's order between two runnable steps.
+func schedBefore(a, b *pb.Step) bool {
+	if a.GlobalPriority != b.GlobalPriority {
+		return a.GlobalPriority > b.GlobalPriority
+	}
+	if a.Priority != b.Priority {
+		return a.Priority > b.Priority
+	}
+	if a.CreatedAt != b.CreatedAt {
+		return a.CreatedAt < b.CreatedAt
+	}
+	return a.DrvPath < b.DrvPath
+}
+
+// PickRunnable returns up to n runnable steps the agent may build, best
+// first, skipping steps that are backing off at now and those skip names.
+// It walks the scheduler index one (system, feature set) group at a time,
+// jumping over groups the agent cannot build, so its cost depends on the
+// number of groups and skipped steps, not on the queue's length. Watch
+// channels of what it read go to ws (when not nil), so a long-poll wakes
+// when fitting work may have appeared.
+func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, skip func(drv string) bool) ([]*pb.Step, error) {
+	var heads []*pb.Step // the best candidate of each fitting group, in turn
+	var iters []memdb.ResultIterator // *pushBack
+	for _, system := range a.Systems {
+		prefix := append([]byte{byte(pb.StepState_STEP_STATE_RUNNABLE)}, strKey(system)...)
+		if ws != nil {
+			it, err := r.txn.Get(tableSteps, "sched_prefix", pb.StepState_STEP_STATE_RUNNABLE, system)
+			if err != nil {
+				return nil, err
+			}
+			ws.Add(it.WatchCh())
+		}
+		from := ""
+		for {
+			it, err := r.txn.LowerBound(tableSteps, "sched", pb.StepState_STEP_STATE_RUNNABLE, system, from)
+			if err != nil {
+				return nil, err
+			}
+			o := it.Next()
+			if o == nil {
+				break
+			}
+			s := o.(*pb.Step)
+			if s.State != pb.StepState_STEP_STATE_RUNNABLE || s.System != system || !bytes.HasPrefix(schedKey(s), prefix) {
+				break
+			}
+			fk := FeaturesKey(s.RequiredFeatures)
+			if Fits(a, system, s.RequiredFeatures) {
+				// Keep this group's iterator, positioned at its first step.
+				heads = append(heads, nil)
+				iters = append(iters, &pushBack{first: o, rest: it, system: system, group: fk})
+			}
+			from = fk + "\x01" // sorts after every key of this group
+		}
+	}
+	// Merge the groups: take the best head, advance its group.
+	next := func(i int) *pb.Step {
+		for o := iters[i].Next(); o != nil; o = iters[i].Next() {
+			s := o.(*pb.Step)
+			if g := iters[i].(*pushBack); s.State != pb.StepState_STEP_STATE_RUNNABLE || s.System != g.system || FeaturesKey(s.RequiredFeatures) != g.group {
+				return nil
+			}
+			if s.NotBefore > now || (skip != nil && skip(s.DrvPath)) {
+				continue
+			}
+			return s
+		}
+		return nil
+	}
+	for i := range iters {
+		heads[i] = next(i)
+	}
+	var out []*pb.Step
+	for len(out) < n {
+		best := -1
+		for i, h := range heads {
+			if h != nil && (best < 0 || schedBefore(h, heads[best])) {
+				best = i
+			}
+		}
+		if best < 0 {
+			break
+		}
+		out = append(out, heads[best])
+		heads[best] = next(best)
+	}
+	return out, nil
+}
+
+// pushBack is an iterator whose first result was already read, walking
+// one (system, feature set) group.
+type pushBack struct {
+	first         any
+	rest          memdb.ResultIterator
+	system, group string
+}
+
+func (p *pushBack) WatchCh() <-chan struct{} { return p.rest.WatchCh() }
+
+func (p *pushBack) Next() any {
+	if p.first != nil {
+		o := p.first
+		p.first = nil
+		return o
+	}
+	return p.rest.Next()
+}
