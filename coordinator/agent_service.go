@@ -307,6 +307,10 @@ func (s agentService) StreamLog(ctx context.Context, stream *connect.ClientStrea
 			ll = &leaseLog{}
 			live.logs[ch.LeaseId] = ll
 		}
+		if ch.Seq == ll.nextSeq && ch.Replace {
+			ll.buf.Reset()
+			ll.truncated = false
+		}
 		if ch.Seq == ll.nextSeq {
 			room := c.cfg.MaxLogBytes - int64(ll.buf.Len())
 			data := ch.Data
@@ -534,6 +538,12 @@ func (c *Coordinator) leaderProxy(next http.Handler) http.Handler {
 			},
 			Transport:     c.blobClient.Transport,
 			FlushInterval: -1,
+			ErrorHandler: func(w http.ResponseWriter, r *http.Request, err error) {
+				if r.Context().Err() == nil {
+					c.log.Warn("forwarding an agent call to the leader failed", "leader", addr, "err", err)
+				}
+				w.WriteHeader(http.StatusBadGateway)
+			},
 		}
 		p.ServeHTTP(w, r)
 	})

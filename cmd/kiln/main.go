@@ -38,7 +38,7 @@ func newRootCmd() *cobra.Command {
 			return applyConfig(cmd, os.LookupEnv)
 		},
 	}
-	root.AddCommand(newCoordinatorCmd(), newDevCmd(), newKeygenCmd())
+	root.AddCommand(newCoordinatorCmd(), newDevCmd(), newKeygenCmd(), newAgentCmd())
 	return root
 }
 
@@ -46,6 +46,7 @@ func newRootCmd() *cobra.Command {
 type coordinatorFlags struct {
 	cfg            coordinator.Config
 	adminTokenFile string
+	agentTokenFile string
 	logLevel       string
 	raftHeartbeat  time.Duration
 	raftElection   time.Duration
@@ -72,6 +73,13 @@ func (f *coordinatorFlags) register(cmd *cobra.Command, httpDefault, raftDefault
 	fl.DurationVar(&f.cfg.CacheGCGrace, "cache-gc-grace", 24*time.Hour, "cache paths younger than this are never collected")
 	fl.DurationVar(&f.cfg.BlobOrphanGrace, "blob-orphan-grace", time.Hour, "blobs no record names are deleted once older than this")
 	fl.DurationVar(&f.cfg.BlobSyncInterval, "blob-sync-interval", time.Minute, "longest wait between scans for blobs this node lacks")
+	fl.StringVar(&f.agentTokenFile, "agent-token-file", "", "file holding the join token agents register with (none: no agents)")
+	fl.DurationVar(&f.cfg.LeaseTTL, "lease-ttl", 30*time.Second, "a lease whose agent sends no heartbeat for this long expires")
+	fl.DurationVar(&f.cfg.BuildTimeout, "build-timeout", 0, "longest a build may run (0: no limit)")
+	fl.DurationVar(&f.cfg.MaxSilent, "max-silent-time", 0, "longest a build may print nothing (0: no limit)")
+	fl.Int64Var(&f.cfg.MaxLogBytes, "max-log-bytes", 64<<20, "largest build log stored")
+	fl.Uint32Var(&f.cfg.MaxTries, "max-tries", 5, "attempts of a step failing for transient reasons before it is aborted")
+	fl.DurationVar(&f.cfg.RetryBackoff, "retry-backoff", 10*time.Second, "wait before a step that failed transiently runs again")
 }
 
 func (f *coordinatorFlags) logger() (*slog.Logger, error) {
@@ -88,6 +96,13 @@ func (f *coordinatorFlags) finish() error {
 		return err
 	}
 	f.cfg.Logger = log
+	if f.agentTokenFile != "" {
+		tok, err := readToken(f.agentTokenFile)
+		if err != nil {
+			return fmt.Errorf("agent token: %w", err)
+		}
+		f.cfg.AgentToken = tok
+	}
 	f.cfg.HeartbeatTimeout = f.raftHeartbeat
 	f.cfg.ElectionTimeout = f.raftElection
 	if f.raftHeartbeat > 0 && f.raftHeartbeat < 1000*time.Millisecond {

@@ -612,11 +612,14 @@ func (x *HeartbeatResponse) GetCancelLeaseIds() []uint64 {
 }
 
 type LogChunk struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	LeaseId       uint64                 `protobuf:"varint,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
-	Seq           uint64                 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"` // first chunk 0; a re-sent chunk repeats its seq
-	Data          []byte                 `protobuf:"bytes,3,opt,name=data,proto3" json:"data,omitempty"`
-	Last          bool                   `protobuf:"varint,4,opt,name=last,proto3" json:"last,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	LeaseId uint64                 `protobuf:"varint,1,opt,name=lease_id,json=leaseId,proto3" json:"lease_id,omitempty"`
+	Seq     uint64                 `protobuf:"varint,2,opt,name=seq,proto3" json:"seq,omitempty"` // first chunk 0; a re-sent chunk repeats its seq
+	Data    []byte                 `protobuf:"bytes,3,opt,name=data,proto3" json:"data,omitempty"`
+	Last    bool                   `protobuf:"varint,4,opt,name=last,proto3" json:"last,omitempty"`
+	// replace: data is the whole finished log (the agent's exact copy of
+	// what Nix recorded) and replaces what was streamed.
+	Replace       bool `protobuf:"varint,5,opt,name=replace,proto3" json:"replace,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -675,6 +678,13 @@ func (x *LogChunk) GetData() []byte {
 func (x *LogChunk) GetLast() bool {
 	if x != nil {
 		return x.Last
+	}
+	return false
+}
+
+func (x *LogChunk) GetReplace() bool {
+	if x != nil {
+		return x.Replace
 	}
 	return false
 }
@@ -1109,12 +1119,13 @@ const file_kiln_v1_agent_proto_rawDesc = "" +
 	"\x04load\x18\x02 \x01(\x01R\x04load\x12&\n" +
 	"\x0fdisk_free_bytes\x18\x03 \x01(\x04R\rdiskFreeBytes\"=\n" +
 	"\x11HeartbeatResponse\x12(\n" +
-	"\x10cancel_lease_ids\x18\x01 \x03(\x04R\x0ecancelLeaseIds\"_\n" +
+	"\x10cancel_lease_ids\x18\x01 \x03(\x04R\x0ecancelLeaseIds\"y\n" +
 	"\bLogChunk\x12\x19\n" +
 	"\blease_id\x18\x01 \x01(\x04R\aleaseId\x12\x10\n" +
 	"\x03seq\x18\x02 \x01(\x04R\x03seq\x12\x12\n" +
 	"\x04data\x18\x03 \x01(\fR\x04data\x12\x12\n" +
-	"\x04last\x18\x04 \x01(\bR\x04last\".\n" +
+	"\x04last\x18\x04 \x01(\bR\x04last\x12\x18\n" +
+	"\areplace\x18\x05 \x01(\bR\areplace\".\n" +
 	"\x11StreamLogResponse\x12\x19\n" +
 	"\bnext_seq\x18\x01 \x01(\x04R\anextSeq\"\xef\x01\n" +
 	"\tNarHeader\x12\x19\n" +

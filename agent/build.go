@@ -1,0 +1,308 @@
+package agent
+
+import (
+	"bufio"
+	"bytes"
+	"context"
+	"crypto/sha256"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"sync"
+	"time"
+
+	"connectrpc.com/connect"
+	"github.com/klauspost/compress/zstd"
+	"github.com/nix-community/go-nix/pkg/nar"
+	"github.com/nix-community/go-nix/pkg/nixbase32"
+
+	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
+	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
+)
+
+const storeDir = "/nix/store"
+
+func nixVersion() string {
+	out, err := exec.Command("nix-store", "--version").Output()
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(out))
+}
+
+// nixArgs are the options every Nix call of a lease gets.
+func (a *Agent) nixArgs(l *kilnv1.Lease) []string {
+	var args []string
+	if a.cfg.Store != "" {
+		args = append(args, "--store", a.cfg.Store)
+	}
+	var urls, keys []string
+	for _, s := range l.Substituters {
+		urls = append(urls, s.Url)
+		keys = append(keys, s.TrustedPublicKeys...)
+	}
+	args = append(args, "--option", "substituters", strings.Join(urls, " "),
+		"--option", "trusted-public-keys", strings.Join(keys, " "),
+		"--option", "require-sigs", "true",
+		"--option", "system-features", strings.Join(a.cfg.Features, " "))
+	for _, o := range a.cfg.NixOptions {
+		k, v, _ := strings.Cut(o, "=")
+		args = append(args, "--option", k, v)
+	}
+	return args
+}
+
+// realPath is where a store path lives on this machine (chroot stores
+// keep it under their root).
+func (a *Agent) realPath(p string) string {
+	if a.cfg.Store != "" && strings.HasPrefix(a.cfg.Store, "/") {
+		return filepath.Join(a.cfg.Store, p)
+	}
+	return p
+}
+
+// runBuild builds one lease and reports its outcome.
+func (a *Agent) runBuild(ctx context.Context, l *kilnv1.Lease) {
+	log := a.log.With("lease", l.LeaseId, "step", l.DrvPath, "agent", a.id)
+	log.Info("building", "attempt", l.Attempt)
+	ls := newLogStreamer(a, l.LeaseId)
+	outcome, msg := a.realise(ctx, l, ls)
+	if ctx.Err() != nil {
+		log.Warn("build stopped", "reason", context.Cause(ctx))
+		return
+	}
+	// The final log is exactly what Nix recorded, when it recorded one.
+	if recorded, err := a.readLog(ctx, l); err == nil && !bytes.Equal(recorded, ls.all()) {
+		ls.replace(recorded)
+	}
+	if outcome == kilnv1.Outcome_OUTCOME_SUCCEEDED {
+		for _, o := range l.Outputs {
+			if err := a.upload(ctx, l, o.Path); err != nil {
+				if connect.CodeOf(err) == connect.CodeFailedPrecondition {
+					log.Warn("upload refused: the lease is no longer ours", "err", err)
+					return
+				}
+				outcome, msg = kilnv1.Outcome_OUTCOME_TRANSIENT, fmt.Sprintf("uploading %s: %v", o.Path, err)
+				break
+			}
+		}
+	}
+	if err := ls.flush(ctx, true); err != nil {
+		log.Warn("sending the log failed", "err", err)
+	}
+	for attempt := 0; ; attempt++ {
+		_, err := call(ctx, a, func(c kilnv1connect.AgentServiceClient) (*connect.Response[kilnv1.CompleteResponse], error) {
+			return c.Complete(ctx, withBearer(&kilnv1.CompleteRequest{LeaseId: l.LeaseId, Outcome: outcome, Error: msg}, a.cred))
+		})
+		if err == nil {
+			log.Info("build reported", "outcome", outcome.String(), "error", msg)
+			return
+		}
+		if c := connect.CodeOf(err); c == connect.CodeFailedPrecondition || c == connect.CodePermissionDenied || c == connect.CodeInvalidArgument {
+			log.Warn("completion refused", "err", err)
+			return
+		}
+		log.Warn("completion failed, retrying", "err", err)
+		// A new leader may have lost the live log: send it again.
+		ls.resend()
+		_ = ls.flush(ctx, true)
+		if sleep(ctx, backoff(attempt)) != nil {
+			return
+		}
+	}
+}
+
+// realise runs nix-store --realise and streams the builder's output.
+func (a *Agent) realise(ctx context.Context, l *kilnv1.Lease, ls *logStreamer) (kilnv1.Outcome, string) {
+	args := append(a.nixArgs(l), "--log-format", "internal-json", "--realise", l.DrvPath)
+	if l.BuildTimeoutSeconds > 0 {
+		args = append(args, "--timeout", strconv.FormatInt(l.BuildTimeoutSeconds, 10))
+	}
+	if l.MaxSilentSeconds > 0 {
+		args = append(args, "--max-silent-time", strconv.FormatInt(l.MaxSilentSeconds, 10))
+	}
+	cmd := exec.CommandContext(ctx, "nix-store", args...)
+	cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(a.cfg.WorkDir, "cache"))
+	cmd.WaitDelay = 5 * time.Second
+	stderr, err := cmd.StderrPipe()
+	if err != nil {
+		return kilnv1.Outcome_OUTCOME_TRANSIENT, err.Error()
+	}
+	cmd.Stdout = io.Discard
+	if err := cmd.Start(); err != nil {
+		return kilnv1.Outcome_OUTCOME_TRANSIENT, "starting nix-store: " + err.Error()
+	}
+	stop := make(chan struct{})
+	var flushWG sync.WaitGroup
+	flushWG.Add(1)
+	go func() { // live log: flushed twice a second
+		defer flushWG.Done()
+		t := time.NewTicker(500 * time.Millisecond)
+		defer t.Stop()
+		for {
+			select {
+			case <-t.C:
+				_ = ls.flush(ctx, false)
+			case <-stop:
+				return
+			}
+		}
+	}()
+	var errs []string
+	sc := bufio.NewScanner(stderr)
+	sc.Buffer(make([]byte, 64<<10), 4<<20)
+	for sc.Scan() {
+		line, ok := strings.CutPrefix(sc.Text(), "@nix ")
+		if !ok {
+			continue
+		}
+		var ev struct {
+			Action string `json:"action"`
+			Type   int    `json:"type"`
+			Level  int    `json:"level"`
+			Msg    string `json:"msg"`
+			Fields []any  `json:"fields"`
+		}
+		if json.Unmarshal([]byte(line), &ev) != nil {
+			continue
+		}
+		switch {
+		case ev.Action == "result" && ev.Type == 101 && len(ev.Fields) == 1: // a build log line
+			if s, ok := ev.Fields[0].(string); ok {
+				ls.add([]byte(s + "\n"))
+			}
+		case ev.Action == "msg" && ev.Level == 0: // errors
+			errs = append(errs, ev.Msg)
+		}
+	}
+	err = cmd.Wait()
+	close(stop)
+	flushWG.Wait()
+	if err == nil {
+		return kilnv1.Outcome_OUTCOME_SUCCEEDED, ""
+	}
+	msg := strings.TrimSpace(strings.Join(errs, "\n"))
+	if len(msg) > 4096 {
+		msg = msg[len(msg)-4096:]
+	}
+	var ee *exec.ExitError
+	if errors.As(err, &ee) {
+		// nix-store's exit status: 100 build failed, 101 timed out, 102
+		// hash mismatch, 104 not deterministic; 1 is anything else
+		// (substitution, I/O): worth retrying elsewhere.
+		switch st := ee.ExitCode(); {
+		case st == 101:
+			return kilnv1.Outcome_OUTCOME_TIMED_OUT, msg
+		case st >= 100 && st <= 104:
+			return kilnv1.Outcome_OUTCOME_FAILED, msg
+		}
+	}
+	return kilnv1.Outcome_OUTCOME_TRANSIENT, fmt.Sprintf("nix-store: %v: %s", err, msg)
+}
+
+func (a *Agent) readLog(ctx context.Context, l *kilnv1.Lease) ([]byte, error) {
+	args := []string{"--read-log", l.DrvPath}
+	if a.cfg.Store != "" {
+		args = append([]string{"--store", a.cfg.Store}, args...)
+	}
+	cmd := exec.CommandContext(ctx, "nix-store", args...)
+	cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(a.cfg.WorkDir, "cache"))
+	return cmd.Output()
+}
+
+// upload dumps an output to a NAR, compresses it with zstd into a temp
+// file (hashing both), then streams it up under the lease.
+func (a *Agent) upload(ctx context.Context, l *kilnv1.Lease, path string) error {
+	refs, err := a.references(ctx, path)
+	if err != nil {
+		return err
+	}
+	tmp, err := os.CreateTemp(a.cfg.WorkDir, "nar-*.zst")
+	if err != nil {
+		return err
+	}
+	defer os.Remove(tmp.Name())
+	defer tmp.Close()
+	fileHash := sha256.New()
+	narHash := sha256.New()
+	enc, err := zstd.NewWriter(io.MultiWriter(tmp, fileHash), zstd.WithEncoderConcurrency(2), zstd.WithEncoderLevel(zstd.SpeedDefault))
+	if err != nil {
+		return err
+	}
+	cnt := &counter{}
+	if err := nar.DumpPath(io.MultiWriter(enc, narHash, cnt), a.realPath(path)); err != nil {
+		return fmt.Errorf("dumping %s: %w", path, err)
+	}
+	if err := enc.Close(); err != nil {
+		return err
+	}
+	size, err := tmp.Seek(0, io.SeekEnd)
+	if err != nil {
+		return err
+	}
+	if l.MaxNarBytes > 0 && (cnt.n > l.MaxNarBytes || uint64(size) > l.MaxNarBytes) {
+		return fmt.Errorf("output %s is %d bytes, over the %d-byte limit", path, cnt.n, l.MaxNarBytes)
+	}
+	hdr := &kilnv1.NarHeader{
+		LeaseId: l.LeaseId, StorePath: path,
+		NarHash: "sha256:" + nixbase32.EncodeToString(narHash.Sum(nil)), NarSize: cnt.n,
+		References: refs, Deriver: strings.TrimPrefix(l.DrvPath, storeDir+"/"),
+		FileHash: "sha256:" + nixbase32.EncodeToString(fileHash.Sum(nil)), FileSize: uint64(size),
+	}
+	_, err = call(ctx, a, func(c kilnv1connect.AgentServiceClient) (*connect.Response[kilnv1.UploadNarResponse], error) {
+		if _, err := tmp.Seek(0, io.SeekStart); err != nil {
+			return nil, err
+		}
+		stream := c.UploadNar(ctx)
+		stream.RequestHeader().Set("Authorization", "Bearer "+a.cred)
+		if err := stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}}); err != nil {
+			return stream.CloseAndReceive()
+		}
+		buf := make([]byte, 1<<20)
+		for {
+			n, rerr := tmp.Read(buf)
+			if n > 0 {
+				if err := stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: buf[:n]}}); err != nil {
+					return stream.CloseAndReceive()
+				}
+			}
+			if rerr == io.EOF {
+				break
+			}
+			if rerr != nil {
+				return nil, rerr
+			}
+		}
+		return stream.CloseAndReceive()
+	})
+	return err
+}
+
+type counter struct{ n uint64 }
+
+func (c *counter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return len(p), nil }
+
+// references lists a built path's references as basenames.
+func (a *Agent) references(ctx context.Context, path string) ([]string, error) {
+	args := []string{"--query", "--references", path}
+	if a.cfg.Store != "" {
+		args = append([]string{"--store", a.cfg.Store}, args...)
+	}
+	cmd := exec.CommandContext(ctx, "nix-store", args...)
+	cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(a.cfg.WorkDir, "cache"))
+	out, err := cmd.Output()
+	if err != nil {
+		return nil, fmt.Errorf("querying references of %s: %w", path, err)
+	}
+	var refs []string
+	for _, r := range strings.Fields(string(out)) {
+		refs = append(refs, strings.TrimPrefix(r, storeDir+"/"))
+	}
+	return refs, nil
+}
