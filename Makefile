@@ -42,7 +42,8 @@ bench: bench-cache
 	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -timeout 60m ./raftfsm ./coordinator
 
 # bench-cache compares the /cache/ server with nginx serving the same paths
-# as a static cache, load from wrk (BENCH_DURATION=5s per run, BENCH_REPS=3).
+# as a static cache, load from wrk (BENCH_DURATION=5s per run, BENCH_REPS=3,
+# BENCH_PIN=same|split|none: CPU placement of the c=1 runs; see bench/cachebench).
 .PHONY: bench-cache
 bench-cache: deps
 	@if ! command -v wrk >/dev/null || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \

@@ -86,83 +86,148 @@ type buildView struct {
 // through a follower. Outputs land in the cache and substitute with
 // signatures required; the failure is status 1 and its dependent 2; every
 // step's log equals what Nix recorded.
-func TestAgentsBuildGraph(t *testing.T) {
-	nx := newNixEnv(t)
-	dir := t.TempDir()
-	secret, public := filepath.Join(dir, "cache.sec"), filepath.Join(dir, "cache.pub")
+// farm is a three-coordinator cluster with a cache key and an agent join
+// token, plus what is needed to start agents and push derivations.
+type farm struct {
+	t         *testing.T
+	nx        *nixEnv
+	dir       string
+	key       string
+	tokenFile string
+	nodes     []*coordProc
+	netrc     string
+	system    string
+}
+
+func startFarm(t *testing.T, extra ...string) *farm {
+	t.Helper()
+	fm := &farm{t: t, nx: newNixEnv(t), dir: t.TempDir()}
+	secret, public := filepath.Join(fm.dir, "cache.sec"), filepath.Join(fm.dir, "cache.pub")
 	if out, err := exec.Command(kilnBin, "keygen", "e2e-agents-1", "--secret-file", secret, "--public-file", public).CombinedOutput(); err != nil {
 		t.Fatalf("keygen: %v\n%s", err, out)
 	}
 	pub, _ := os.ReadFile(public)
-	key := strings.TrimSpace(string(pub))
-	agentTokenFile := filepath.Join(dir, "agent-token")
-	if err := os.WriteFile(agentTokenFile, []byte(agentToken+"\n"), 0o600); err != nil {
+	fm.key = strings.TrimSpace(string(pub))
+	fm.tokenFile = filepath.Join(fm.dir, "agent-token")
+	if err := os.WriteFile(fm.tokenFile, []byte(agentToken+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	nodes := startCoordinators(t, 3, func(int) []string {
-		return []string{"--cache-key-file", secret, "--agent-token-file", agentTokenFile, "--lease-ttl", "5s",
-			"--retry-backoff", "1s", "--blob-sync-interval", "1s"}
+	fm.nodes = startCoordinators(t, 3, func(int) []string {
+		return append([]string{"--cache-key-file", secret, "--agent-token-file", fm.tokenFile, "--lease-ttl", "4s",
+			"--retry-backoff", "1s", "--blob-sync-interval", "1s"}, extra...)
 	})
-	li := leaderOf(nodes)
-	f1, f2 := nodes[(li+1)%3], nodes[(li+2)%3]
-	startAgent := func(name string, via *coordProc, features string) *proc {
-		p := startProc(t, name, "agent", "--coordinator", "http://"+via.http, "--token-file", agentTokenFile,
-			"--work-dir", filepath.Join(dir, name), "--store", filepath.Join(dir, name+"-store"),
-			"--systems", currentSystem(t, nx), "--features="+features, "--max-jobs", "2",
-			"--nix-option", "sandbox-paths=/bin/sh=/bin/busybox", "--heartbeat-interval", "1s")
-		t.Cleanup(func() {
-			if t.Failed() {
-				p.dumpLog()
-			}
-		})
-		return p
+	fm.netrc = filepath.Join(fm.nx.dir, "netrc")
+	if err := os.WriteFile(fm.netrc, []byte("machine 127.0.0.1\nlogin nix\npassword "+token+"\n"), 0o600); err != nil {
+		t.Fatal(err)
 	}
-	startAgent("agentA", f1, "benchmark")
-	startAgent("agentB", f2, "benchmark,big")
+	fm.system = currentSystem(t, fm.nx)
+	return fm
+}
 
-	// Evaluate, push the derivations to the cache, submit through a follower.
-	expr := strings.ReplaceAll(graphExpr, "NONCE", fmt.Sprint(time.Now().UnixNano()))
-	file := filepath.Join(nx.dir, "graph.nix")
+// followers returns the two nodes that do not lead, and the leader's index.
+func (fm *farm) followers() (*coordProc, *coordProc, int) {
+	li := leaderOf(fm.nodes)
+	if li < 0 {
+		fm.t.Fatal("no leader")
+	}
+	return fm.nodes[(li+1)%3], fm.nodes[(li+2)%3], li
+}
+
+func (fm *farm) startAgent(name string, via *coordProc, features string) *proc {
+	p := startProc(fm.t, name, "agent", "--coordinator", "http://"+via.http, "--token-file", fm.tokenFile,
+		"--work-dir", filepath.Join(fm.dir, name), "--store", filepath.Join(fm.dir, name+"-store"),
+		"--systems", fm.system, "--features="+features, "--max-jobs", "2",
+		"--nix-option", "sandbox-paths=/bin/sh=/bin/busybox", "--heartbeat-interval", "1s")
+	fm.t.Cleanup(func() {
+		if fm.t.Failed() {
+			p.dumpLog()
+		}
+	})
+	return p
+}
+
+// submit instantiates attrs of expr, pushes their derivations through
+// node and submits one build per attribute; it returns build IDs and drvs.
+func (fm *farm) submit(node *coordProc, expr string, attrs ...string) (map[string]uint64, map[string]string) {
+	fm.t.Helper()
+	nx := fm.nx
+	file := filepath.Join(nx.dir, fmt.Sprintf("expr-%d.nix", nx.n))
 	if err := os.WriteFile(file, []byte(expr), 0o644); err != nil {
-		t.Fatal(err)
+		fm.t.Fatal(err)
 	}
-	tops := []string{"d4", "c3", "big", "fail", "afterFail"}
 	drvs := map[string]string{}
-	for _, attr := range tops {
+	var all []string
+	for _, attr := range attrs {
 		drvs[attr] = strings.TrimSpace(nx.must("nix-instantiate", "--store", nx.store("src"), "--option", "substituters", "", file, "-A", attr))
+		all = append(all, drvs[attr])
 	}
-	netrc := filepath.Join(nx.dir, "netrc")
-	if err := os.WriteFile(netrc, []byte("machine 127.0.0.1\nlogin nix\npassword "+token+"\n"), 0o600); err != nil {
-		t.Fatal(err)
-	}
-	var allDrvs []string
-	for _, d := range drvs {
-		allDrvs = append(allDrvs, d)
-	}
-	nx.must("nix", append([]string{"copy", "--derivation", "--store", nx.store("src"), "--option", "substituters", "", "--option", "netrc-file", netrc,
-		"--to", "http://" + f1.http + "/cache?compression=zstd"}, allDrvs...)...)
+	nx.must("nix", append([]string{"copy", "--derivation", "--store", nx.store("src"), "--option", "substituters", "", "--option", "netrc-file", fm.netrc,
+		"--to", "http://" + node.http + "/cache?compression=zstd"}, all...)...)
 	ids := map[string]uint64{}
-	for _, attr := range tops {
+	for _, attr := range attrs {
 		body := map[string]any{"drv_path": drvs[attr], "project": "e2e", "jobset": "agents", "job": attr,
-			"graph": showDerivations(t, nx, "src", drvs[attr])}
+			"graph": showDerivations(fm.t, nx, "src", drvs[attr])}
 		var out buildView
-		code, err := postJSON("http://"+f1.http+"/api/v1/builds", token, body, &out)
+		code, err := postJSON("http://"+node.http+"/api/v1/builds", token, body, &out)
 		if err != nil || code != http.StatusCreated {
-			t.Fatalf("submit %s: %d %v", attr, code, err)
+			fm.t.Fatalf("submit %s: %d %v", attr, code, err)
 		}
 		ids[attr] = out.ID
 	}
+	return ids, drvs
+}
+
+// waitFinished waits for builds to finish as node sees them.
+func (fm *farm) waitFinished(node *coordProc, timeout time.Duration, ids map[string]uint64) map[string]buildView {
+	fm.t.Helper()
 	results := map[string]buildView{}
-	waitFor(t, 120*time.Second, "every build finished", func() bool {
+	waitFor(fm.t, timeout, "every build finished", func() bool {
 		for attr, id := range ids {
 			var b buildView
-			if code, err := getJSON(fmt.Sprintf("http://%s/api/v1/builds/%d", f2.http, id), &b); err != nil || code != 200 || !b.Finished {
+			if code, err := getJSON(fmt.Sprintf("http://%s/api/v1/builds/%d", node.http, id), &b); err != nil || code != 200 || !b.Finished {
 				return false
 			}
 			results[attr] = b
 		}
 		return true
 	})
+	return results
+}
+
+// recordedLog is the log Nix recorded for drv in an agent's store.
+func (fm *farm) recordedLog(agentName, drv string) ([]byte, error) {
+	cmd := exec.Command("nix-store", "--store", filepath.Join(fm.dir, agentName+"-store"), "--read-log", drv)
+	cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(fm.nx.dir, "xdg-log"))
+	return cmd.Output()
+}
+
+// storedLog is the log a coordinator serves for drv.
+func (fm *farm) storedLog(node *coordProc, drv string) (int, string) {
+	fm.t.Helper()
+	resp, err := client.Get("http://" + node.http + "/cache/log/" + strings.TrimPrefix(drv, "/nix/store/"))
+	if err != nil {
+		fm.t.Fatal(err)
+	}
+	return resp.StatusCode, readAll(fm.t, resp)
+}
+
+func TestAgentsBuildGraph(t *testing.T) {
+	fm := startFarm(t)
+	nx := fm.nx
+	f1, f2, li := fm.followers()
+	nodes := fm.nodes
+	fm.startAgent("agentA", f1, "benchmark")
+	fm.startAgent("agentB", f2, "benchmark,big")
+	key := fm.key
+	// Evaluate, push the derivations to the cache, submit through a follower.
+	expr := strings.ReplaceAll(graphExpr, "NONCE", fmt.Sprint(time.Now().UnixNano()))
+	tops := []string{"d4", "c3", "big", "fail", "afterFail"}
+	ids, drvs := fm.submit(f1, expr, tops...)
+	var allDrvs []string
+	for _, d := range drvs {
+		allDrvs = append(allDrvs, d)
+	}
+	results := fm.waitFinished(f2, 120*time.Second, ids)
 	wantStatus := map[string]int32{"d4": 0, "c3": 0, "big": 0, "fail": 1, "afterFail": 2}
 	for attr, want := range wantStatus {
 		if b := results[attr]; b.BuildStatus == nil || *b.BuildStatus != want {
@@ -197,9 +262,7 @@ func TestAgentsBuildGraph(t *testing.T) {
 		var recorded []byte
 		var builtBy string
 		for _, ag := range []string{"agentA", "agentB"} {
-			cmd := exec.Command("nix-store", "--store", filepath.Join(dir, ag+"-store"), "--read-log", drv)
-			cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(nx.dir, "xdg-log"))
-			if out, err := cmd.Output(); err == nil {
+			if out, err := fm.recordedLog(ag, drv); err == nil {
 				recorded, builtBy = out, ag
 			}
 		}
@@ -210,13 +273,8 @@ func TestAgentsBuildGraph(t *testing.T) {
 		if strings.HasSuffix(drv, "-needs-big.drv") && builtBy != "agentB" {
 			t.Errorf("%s was built by %s, only agentB has the feature", drv, builtBy)
 		}
-		resp, err := client.Get("http://" + f2.http + "/cache/log/" + strings.TrimPrefix(drv, "/nix/store/"))
-		if err != nil {
-			t.Fatal(err)
-		}
-		stored := readAll(t, resp)
-		if resp.StatusCode != 200 || stored != string(recorded) {
-			t.Errorf("log of %s: status %d, %q; want %q", drv, resp.StatusCode, stored, recorded)
+		if code, stored := fm.storedLog(f2, drv); code != 200 || stored != string(recorded) {
+			t.Errorf("log of %s: status %d, %q; want %q", drv, code, stored, recorded)
 		}
 	}
 }

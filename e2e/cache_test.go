@@ -276,4 +276,3 @@ func blobOf(t *testing.T, n *coordProc, path string) string {
 	t.Fatalf("no FileHash in narinfo of %s: %s", path, body)
 	return ""
 }
-

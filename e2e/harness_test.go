@@ -101,6 +101,20 @@ func (p *proc) kill() {
 	p.log.Close()
 }
 
+// signal sends sig to the process (SIGSTOP, SIGCONT, ...).
+func (p *proc) signal(sig syscall.Signal) {
+	p.t.Helper()
+	if err := p.cmd.Process.Signal(sig); err != nil {
+		p.t.Fatalf("signal %v to %s: %v", sig, p.name, err)
+	}
+}
+
+// logged reports whether the process's log contains s.
+func (p *proc) logged(s string) bool {
+	b, _ := os.ReadFile(p.log.Name())
+	return bytes.Contains(b, []byte(s))
+}
+
 func (p *proc) dumpLog() {
 	b, _ := os.ReadFile(p.log.Name())
 	if len(b) > 8000 {
