@@ -15,7 +15,8 @@ import (
 	"github.com/nix-community/go-nix/pkg/narinfo"
 )
 
-const sampleNarinfo = `StorePath: /nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-net-tools-1.60_p20170221182432
+// SampleNarInfo is a real narinfo (exported for the external tests).
+const SampleNarInfo = `StorePath: /nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-net-tools-1.60_p20170221182432
 URL: nar/1094wph9z4nwlgvsd53abfz8i117ykiv5dwnq9nnhz846s7xqd7d.nar.xz
 Compression: xz
 FileHash: sha256:1094wph9z4nwlgvsd53abfz8i117ykiv5dwnq9nnhz846s7xqd7d
@@ -46,7 +47,7 @@ func TestKeysSignAndVerify(t *testing.T) {
 	if s.PublicKey() != pub {
 		t.Fatalf("signer's public key %q, file has %q", s.PublicKey(), pub)
 	}
-	ni, err := narinfo.Parse(strings.NewReader(sampleNarinfo))
+	ni, err := narinfo.Parse(strings.NewReader(SampleNarInfo))
 	if err != nil {
 		t.Fatal(err)
 	}

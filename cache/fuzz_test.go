@@ -27,16 +27,7 @@ func FuzzParseNarInfo(f *testing.F) {
 	f.Add(strings.Replace(good.String(), "References: ", "References: "+storeBase("glibc-2.40")+" ", 1))
 	f.Add(strings.Replace(good.String(), "Compression: zstd", "Compression: xz", 1))
 	f.Add(strings.Replace(good.String(), "Deriver: ", "Deriver: unknown-deriver\nX: ", 1))
-	f.Add(`StorePath: /nix/store/00bgd045z0d4icpbc2yyz4gx48ak44la-net-tools-1.60_p20170221182432
-URL: nar/1094wph9z4nwlgvsd53abfz8i117ykiv5dwnq9nnhz846s7xqd7d.nar.xz
-Compression: xz
-FileHash: sha256:1094wph9z4nwlgvsd53abfz8i117ykiv5dwnq9nnhz846s7xqd7d
-FileSize: 114980
-NarHash: sha256:0lxjvvpr59c2mdram7ympy5ay741f180kv3349hvfc3f8nrmbqf6
-NarSize: 464152
-References: 7gx4kiv5m0i7d7qkixq2cwzbr10lvxwc-glibc-2.27
-Deriver: 10dx1q4ivjb115y3h90mipaaz533nr0d-net-tools-1.60_p20170221182432.drv
-`)
+	f.Add(cache.SampleNarInfo)
 	for _, junk := range []string{"", "\n", ":", "StorePath: ", "StorePath: /nix/store/../etc\n", "References:  \n",
 		"FileSize: -1\n", "NarSize: 99999999999999999999999\n", "a: b: c\n", "\x00\r\n", strings.Repeat("References: x\n", 50)} {
 		f.Add(junk)

@@ -137,15 +137,7 @@ func (c *Coordinator) putNode(ctx context.Context, n *pb.Node) error {
 	if cur, err := c.fsm.Read().Node(n.Id); err == nil && proto.Equal(cur, n) {
 		return nil
 	}
-	cmd, err := raftfsm.NewCommand(pb.CommandType_COMMAND_TYPE_PUT_NODE, &pb.PutNode{Node: n}, 0)
-	if err != nil {
-		return err
-	}
-	res, err := c.Apply(ctx, cmd)
-	if err != nil {
-		return err
-	}
-	return res.Results[0].Err
+	return c.applyOne(ctx, pb.CommandType_COMMAND_TYPE_PUT_NODE, &pb.PutNode{Node: n})
 }
 
 // registerSelf records the leader's own addresses (a bootstrapped node
