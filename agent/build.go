@@ -223,63 +223,17 @@ func (a *Agent) upload(ctx context.Context, l *kilnv1.Lease, path string) error 
 	if err != nil {
 		return err
 	}
-	tmp, err := os.CreateTemp(a.cfg.WorkDir, "nar-*.zst")
+	packed, err := PackNar(a.cfg.WorkDir, func(w io.Writer) error { return nar.DumpPath(w, a.realPath(path)) })
 	if err != nil {
-		return err
-	}
-	defer os.Remove(tmp.Name())
-	defer tmp.Close()
-	fileHash := sha256.New()
-	narHash := sha256.New()
-	enc, err := zstd.NewWriter(io.MultiWriter(tmp, fileHash), zstd.WithEncoderConcurrency(2), zstd.WithEncoderLevel(zstd.SpeedDefault))
-	if err != nil {
-		return err
-	}
-	cnt := &counter{}
-	if err := nar.DumpPath(io.MultiWriter(enc, narHash, cnt), a.realPath(path)); err != nil {
 		return fmt.Errorf("dumping %s: %w", path, err)
 	}
-	if err := enc.Close(); err != nil {
-		return err
+	defer packed.Close()
+	if l.MaxNarBytes > 0 && (packed.NarSize > l.MaxNarBytes || packed.FileSize > l.MaxNarBytes) {
+		return fmt.Errorf("output %s is %d bytes, over the %d-byte limit", path, packed.NarSize, l.MaxNarBytes)
 	}
-	size, err := tmp.Seek(0, io.SeekEnd)
-	if err != nil {
-		return err
-	}
-	if l.MaxNarBytes > 0 && (cnt.n > l.MaxNarBytes || uint64(size) > l.MaxNarBytes) {
-		return fmt.Errorf("output %s is %d bytes, over the %d-byte limit", path, cnt.n, l.MaxNarBytes)
-	}
-	hdr := &kilnv1.NarHeader{
-		LeaseId: l.LeaseId, StorePath: path,
-		NarHash: "sha256:" + nixbase32.EncodeToString(narHash.Sum(nil)), NarSize: cnt.n,
-		References: refs, Deriver: strings.TrimPrefix(l.DrvPath, storeDir+"/"),
-		FileHash: "sha256:" + nixbase32.EncodeToString(fileHash.Sum(nil)), FileSize: uint64(size),
-	}
+	hdr := packed.Header(l.LeaseId, path, refs, strings.TrimPrefix(l.DrvPath, storeDir+"/"))
 	_, err = call(ctx, a, func(c kilnv1connect.AgentServiceClient) (*connect.Response[kilnv1.UploadNarResponse], error) {
-		if _, err := tmp.Seek(0, io.SeekStart); err != nil {
-			return nil, err
-		}
-		stream := c.UploadNar(ctx)
-		stream.RequestHeader().Set("Authorization", "Bearer "+a.cred)
-		if err := stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}}); err != nil {
-			return stream.CloseAndReceive()
-		}
-		buf := make([]byte, 1<<20)
-		for {
-			n, rerr := tmp.Read(buf)
-			if n > 0 {
-				if err := stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: buf[:n]}}); err != nil {
-					return stream.CloseAndReceive()
-				}
-			}
-			if rerr == io.EOF {
-				break
-			}
-			if rerr != nil {
-				return nil, rerr
-			}
-		}
-		return stream.CloseAndReceive()
+		return packed.Send(ctx, c, a.cred, hdr)
 	})
 	return err
 }
@@ -287,6 +241,84 @@ func (a *Agent) upload(ctx context.Context, l *kilnv1.Lease, path string) error 
 type counter struct{ n uint64 }
 
 func (c *counter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return len(p), nil }
+
+// PackedNar is a NAR compressed with zstd into a temp file, with the
+// hashes and sizes an upload's header needs.
+type PackedNar struct {
+	File     *os.File
+	NarHash  string // sha256:<nixbase32>
+	NarSize  uint64
+	FileHash string
+	FileSize uint64
+}
+
+// PackNar runs dump (which writes a NAR) through zstd into a temp file in
+// dir, hashing the NAR and the compressed file on the way.
+func PackNar(dir string, dump func(io.Writer) error) (*PackedNar, error) {
+	tmp, err := os.CreateTemp(dir, "nar-*.zst")
+	if err != nil {
+		return nil, err
+	}
+	os.Remove(tmp.Name()) // unlinked: gone when closed
+	fileHash, narHash := sha256.New(), sha256.New()
+	enc, err := zstd.NewWriter(io.MultiWriter(tmp, fileHash), zstd.WithEncoderConcurrency(2), zstd.WithEncoderLevel(zstd.SpeedDefault))
+	if err != nil {
+		tmp.Close()
+		return nil, err
+	}
+	cnt := &counter{}
+	if err := dump(io.MultiWriter(enc, narHash, cnt)); err != nil {
+		tmp.Close()
+		return nil, err
+	}
+	if err := enc.Close(); err != nil {
+		tmp.Close()
+		return nil, err
+	}
+	size, err := tmp.Seek(0, io.SeekCurrent)
+	if err != nil {
+		tmp.Close()
+		return nil, err
+	}
+	return &PackedNar{File: tmp, NarHash: "sha256:" + nixbase32.EncodeToString(narHash.Sum(nil)), NarSize: cnt.n,
+		FileHash: "sha256:" + nixbase32.EncodeToString(fileHash.Sum(nil)), FileSize: uint64(size)}, nil
+}
+
+// Close removes the temp file.
+func (p *PackedNar) Close() error { return p.File.Close() }
+
+// Header is the UploadNar header for this NAR.
+func (p *PackedNar) Header(lease uint64, path string, refs []string, deriver string) *kilnv1.NarHeader {
+	return &kilnv1.NarHeader{LeaseId: lease, StorePath: path, NarHash: p.NarHash, NarSize: p.NarSize,
+		References: refs, Deriver: deriver, FileHash: p.FileHash, FileSize: p.FileSize}
+}
+
+// Send streams a packed NAR as one UploadNar call.
+func (p *PackedNar) Send(ctx context.Context, c kilnv1connect.AgentServiceClient, credential string, hdr *kilnv1.NarHeader) (*connect.Response[kilnv1.UploadNarResponse], error) {
+	if _, err := p.File.Seek(0, io.SeekStart); err != nil {
+		return nil, err
+	}
+	stream := c.UploadNar(ctx)
+	stream.RequestHeader().Set("Authorization", "Bearer "+credential)
+	if err := stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}}); err != nil {
+		return stream.CloseAndReceive()
+	}
+	buf := make([]byte, 1<<20)
+	for {
+		n, rerr := p.File.Read(buf)
+		if n > 0 {
+			if err := stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: buf[:n]}}); err != nil {
+				return stream.CloseAndReceive()
+			}
+		}
+		if rerr == io.EOF {
+			return stream.CloseAndReceive()
+		}
+		if rerr != nil {
+			return nil, rerr
+		}
+	}
+}
 
 // references lists a built path's references as basenames.
 func (a *Agent) references(ctx context.Context, path string) ([]string, error) {
