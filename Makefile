@@ -46,9 +46,9 @@ bench: bench-cache
 # BENCH_PIN=same|split|none: CPU placement of the c=1 runs; see bench/cachebench).
 .PHONY: bench-cache
 bench-cache: deps
-	@if ! command -v wrk >/dev/null || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
-		echo "installing wrk and nginx (Debian's wrk, nginx-light)"; \
-		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y wrk nginx-light; \
+	@if ! command -v wrk >/dev/null || ! command -v zstd >/dev/null || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
+		echo "installing wrk, zstd and nginx (Debian's wrk, zstd, nginx-light)"; \
+		$(SUDO) apt-get update && $(SUDO) env DEBIAN_FRONTEND=noninteractive apt-get install -y wrk zstd nginx-light; \
 	fi
 	GO=$(GO) $(GO) run ./bench/cachebench
 

@@ -88,8 +88,12 @@ func (s *FSBlobStore) Put(ctx context.Context, name string, r io.Reader, limit i
 		return err
 	}
 	if s.Has(name) {
-		// Refresh its age so a sweep of unreferenced blobs spares a
-		// blob that is being uploaded again.
+		// Take the bytes anyway (a sender expects them read), and refresh
+		// the blob's age so a sweep of unreferenced blobs spares a blob
+		// that is being uploaded again.
+		if _, err := io.Copy(io.Discard, &ctxReader{ctx: ctx, r: io.LimitReader(r, limit+1)}); err != nil {
+			return err
+		}
 		now := time.Now()
 		return os.Chtimes(final, now, now)
 	}

@@ -107,7 +107,7 @@ func push(t *testing.T, addr string, n testNar) (int, string) {
 	return st, string(b)
 }
 
-func withCacheKey(t *testing.T) func(int, *Config) {
+func withCacheKey(t testing.TB) func(int, *Config) {
 	dir := t.TempDir()
 	key := filepath.Join(dir, "key.sec")
 	if _, err := cache.WriteKeyFiles("test-1", key, filepath.Join(dir, "key.pub")); err != nil {

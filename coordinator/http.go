@@ -30,8 +30,10 @@ func (c *Coordinator) newHTTPServer() *http.Server {
 	)
 	mux.Handle(kilnv1connect.NewBuildServiceHandler(buildService{c}, opts))
 	mux.Handle(kilnv1connect.NewClusterServiceHandler(clusterService{c}, opts))
+	// Agent messages are small or already compressed (zstd NAR chunks):
+	// no gzip on them.
 	agentPath, agentHandler := kilnv1connect.NewAgentServiceHandler(agentService{c},
-		connect.WithReadMaxBytes(2<<20), connect.WithSendMaxBytes(int(c.cfg.MaxBodyBytes)))
+		connect.WithReadMaxBytes(2<<20), connect.WithSendMaxBytes(int(c.cfg.MaxBodyBytes)), connect.WithCompressMinBytes(1<<30))
 	mux.Handle(agentPath, c.leaderProxy(agentHandler))
 	reflector := grpcreflect.NewStaticReflector(kilnv1connect.BuildServiceName, kilnv1connect.ClusterServiceName, kilnv1connect.AgentServiceName)
 	mux.Handle(grpcreflect.NewHandlerV1(reflector))

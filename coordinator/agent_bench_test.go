@@ -1,0 +1,243 @@
+package coordinator
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"slices"
+	"sync"
+	"sync/atomic"
+	"testing"
+	"time"
+
+	"github.com/nix-community/go-nix/pkg/nar"
+
+	"github.com/kilnci/kiln/agent"
+	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
+	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
+)
+
+// benchAgents registers n agents through one client and returns their credentials.
+func benchAgents(b *testing.B, client kilnv1connect.AgentServiceClient, n int) []string {
+	b.Helper()
+	creds := make([]string, n)
+	runConcurrent(b, 32, n, func(i int) error {
+		resp, err := client.Register(context.Background(), req(&kilnv1.RegisterRequest{Name: fmt.Sprint("bench", i), Systems: []string{"x86_64-linux"}, MaxJobs: 1}, testAgentToken))
+		if err != nil {
+			return err
+		}
+		creds[i] = resp.Msg.Credential
+		return nil
+	})
+	return creds
+}
+
+// queueSteps submits builds of 1,000 independent leaves each (plus a top
+// that waits for them) until n steps are runnable.
+func queueSteps(b *testing.B, c *Coordinator, n int) {
+	b.Helper()
+	for made := 0; made < n; made += 1000 {
+		top := &pb.DerivationNode{DrvPath: storePathFor(fmt.Sprintf("top-%d.drv", made)), System: "x86_64-linux", Outputs: []*pb.Output{{Name: "out", Path: storePathFor(fmt.Sprint("top-", made))}}}
+		graph := []*pb.DerivationNode{top}
+		for i := made; i < made+1000 && i < n; i++ {
+			leaf := &pb.DerivationNode{DrvPath: storePathFor(fmt.Sprintf("leaf-%d.drv", i)), System: "x86_64-linux", Outputs: []*pb.Output{{Name: "out", Path: storePathFor(fmt.Sprint("leaf-", i))}}}
+			top.InputDrvs = append(top.InputDrvs, leaf.DrvPath)
+			graph = append(graph, leaf)
+		}
+		if _, err := c.SubmitBuild(context.Background(), &pb.SubmitBuild{Build: &pb.Build{DrvPath: top.DrvPath}, Graph: graph}); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
+
+func benchClient(addr string) kilnv1connect.AgentServiceClient {
+	hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 2048, IdleConnTimeout: time.Minute}}
+	return kilnv1connect.NewAgentServiceClient(hc, "http://"+addr)
+}
+
+// BenchmarkLeaseGrants: lease grants/s with 1,000 fake agents long-polling
+// the leader over real sockets, with 1k and with 100k queued steps.
+func BenchmarkLeaseGrants(b *testing.B) {
+	for _, queued := range []int{1000, 100000} {
+		b.Run(fmt.Sprintf("queued=%d", queued), func(b *testing.B) {
+			tc := startCluster(b, 3, withAgents, func(_ int, cfg *Config) { cfg.LeaseTTL = 10 * time.Minute })
+			_, l := tc.leader(10 * time.Second)
+			queueSteps(b, l, queued)
+			tc.waitFor(2*time.Minute, "every node applied the queue", func() bool {
+				for _, c := range tc.nodes {
+					if c.AppliedIndex() < l.AppliedIndex() {
+						return false
+					}
+				}
+				return true
+			})
+			client := benchClient(l.HTTPAddr())
+			creds := benchAgents(b, client, 1000)
+			// Open every agent's connection before timing.
+			runConcurrent(b, 64, len(creds), func(i int) error {
+				_, err := client.Heartbeat(context.Background(), req(&kilnv1.HeartbeatRequest{}, creds[i]))
+				return err
+			})
+			const target = 900
+			var granted atomic.Int64
+			ctx, cancel := context.WithTimeout(context.Background(), 5*time.Minute)
+			defer cancel()
+			var wg sync.WaitGroup
+			start := time.Now()
+			for _, cred := range creds {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					for ctx.Err() == nil {
+						resp, err := client.Lease(ctx, req(&kilnv1.LeaseRequest{FreeSlots: 1, WaitSeconds: 5}, cred))
+						if err != nil {
+							continue
+						}
+						if granted.Add(int64(len(resp.Msg.Leases))) >= target {
+							cancel()
+						}
+					}
+				}()
+			}
+			<-ctx.Done()
+			elapsed := time.Since(start)
+			wg.Wait()
+			b.ReportMetric(float64(granted.Load())/elapsed.Seconds(), "grants/s")
+		})
+	}
+}
+
+// BenchmarkSubmitToLease: with 100 idle agents long-polling, the time from
+// submitting a one-step build to an agent holding its lease.
+func BenchmarkSubmitToLease(b *testing.B) {
+	tc := startCluster(b, 3, withAgents, func(_ int, cfg *Config) { cfg.LeaseTTL = 10 * time.Minute })
+	_, l := tc.leader(10 * time.Second)
+	client := benchClient(l.HTTPAddr())
+	creds := benchAgents(b, client, 100)
+	got := make(chan time.Time, 16)
+	ctx, cancel := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	for _, cred := range creds {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				resp, err := client.Lease(ctx, req(&kilnv1.LeaseRequest{FreeSlots: 1, WaitSeconds: 30}, cred))
+				if err == nil && len(resp.Msg.Leases) > 0 {
+					got <- time.Now()
+				}
+			}
+		}()
+	}
+	// Let every agent park its poll.
+	tc.waitFor(10*time.Second, "100 parked polls", func() bool { return len(l.live().agents) >= 100 })
+	const rounds = 300
+	var lat []time.Duration
+	for i := 0; i < rounds; i++ {
+		n := &pb.DerivationNode{DrvPath: storePathFor(fmt.Sprintf("lat-%d.drv", i)), System: "x86_64-linux", Outputs: []*pb.Output{{Name: "out", Path: storePathFor(fmt.Sprint("lat-", i))}}}
+		t0 := time.Now()
+		if _, err := l.SubmitBuild(context.Background(), &pb.SubmitBuild{Build: &pb.Build{DrvPath: n.DrvPath}, Graph: []*pb.DerivationNode{n}}); err != nil {
+			b.Fatal(err)
+		}
+		select {
+		case t1 := <-got:
+			lat = append(lat, t1.Sub(t0))
+		case <-time.After(10 * time.Second):
+			b.Fatal("no agent got the lease")
+		}
+	}
+	cancel()
+	wg.Wait()
+	slices.Sort(lat)
+	b.ReportMetric(float64(lat[len(lat)/2].Microseconds())/1000, "p50-ms")
+	b.ReportMetric(float64(lat[len(lat)*99/100].Microseconds())/1000, "p99-ms")
+}
+
+// BenchmarkNarIngest: NAR ingest (zstd compress + upload + verify + store +
+// replicate to a quorum + commit) in MB/s of NAR, next to `zstd -3 -T2` on
+// the same NAR in the same run.
+func BenchmarkNarIngest(b *testing.B) {
+	if _, err := exec.LookPath("zstd"); err != nil {
+		b.Fatal("zstd not found: make bench installs it")
+	}
+	const size = 64 << 20
+	// Half random, half repetitive: compresses like a typical output.
+	data := make([]byte, size)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < size; i += 4096 {
+		if (i/4096)%2 == 0 {
+			for j := i; j < i+4096; j += 8 {
+				v := rng.Uint64()
+				for k := 0; k < 8; k++ {
+					data[j+k] = byte(v >> (8 * k))
+				}
+			}
+		} else {
+			copy(data[i:i+4096], bytes.Repeat([]byte("kiln nar ingest "), 256))
+		}
+	}
+	var narBuf bytes.Buffer
+	nw, _ := nar.NewWriter(&narBuf)
+	_ = nw.WriteHeader(&nar.Header{Path: "/", Type: nar.TypeRegular, Size: size})
+	_, _ = nw.Write(data)
+	_ = nw.Close()
+	narBytes := narBuf.Bytes()
+	dir := b.TempDir()
+	narFile := filepath.Join(dir, "bench.nar")
+	if err := os.WriteFile(narFile, narBytes, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	mbps := func(d time.Duration) float64 { return float64(len(narBytes)) / (1 << 20) / d.Seconds() }
+
+	tc := startCluster(b, 3, withCacheKey(b), withAgents, func(_ int, cfg *Config) { cfg.LeaseTTL = 10 * time.Minute })
+	_, l := tc.leader(10 * time.Second)
+	client := benchClient(l.HTTPAddr())
+	cred := benchAgents(b, client, 1)[0]
+	var zstdBest, kilnBest time.Duration
+	for round := 0; round < 3; round++ {
+		// Baseline: the zstd CLI, 2 threads, level 3.
+		t0 := time.Now()
+		cmd := exec.Command("zstd", "-3", "-T2", "-q", "-c", narFile)
+		cmd.Stdout = io.Discard
+		if err := cmd.Run(); err != nil {
+			b.Fatal(err)
+		}
+		if d := time.Since(t0); zstdBest == 0 || d < zstdBest {
+			zstdBest = d
+		}
+		// Kiln: lease a step whose output this NAR is, then pack and upload.
+		out := storePathFor(fmt.Sprint("ingest-", round))
+		n := &pb.DerivationNode{DrvPath: storePathFor(fmt.Sprintf("ingest-%d.drv", round)), System: "x86_64-linux", Outputs: []*pb.Output{{Name: "out", Path: out}}}
+		if _, err := l.SubmitBuild(context.Background(), &pb.SubmitBuild{Build: &pb.Build{DrvPath: n.DrvPath}, Graph: []*pb.DerivationNode{n}}); err != nil {
+			b.Fatal(err)
+		}
+		resp, err := client.Lease(context.Background(), req(&kilnv1.LeaseRequest{FreeSlots: 1, WaitSeconds: 5}, cred))
+		if err != nil || len(resp.Msg.Leases) != 1 {
+			b.Fatalf("lease: %v", err)
+		}
+		lease := resp.Msg.Leases[0]
+		narBytes[len(narBytes)-100] = byte(round) // a new NAR each round: every upload is a full ingest
+		t0 = time.Now()
+		packed, err := agent.PackNar(dir, func(w io.Writer) error { _, err := w.Write(narBytes); return err })
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := packed.Send(context.Background(), client, cred, packed.Header(lease.LeaseId, out, nil, "")); err != nil {
+			b.Fatal(err)
+		}
+		if d := time.Since(t0); kilnBest == 0 || d < kilnBest {
+			kilnBest = d
+		}
+		packed.Close()
+	}
+	b.ReportMetric(mbps(kilnBest), "kiln-MB/s")
+	b.ReportMetric(mbps(zstdBest), "zstd-MB/s")
+	b.ReportMetric(mbps(kilnBest)/mbps(zstdBest), "ratio")
+}
