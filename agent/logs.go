@@ -16,6 +16,7 @@ const maxChunk = 64 << 10
 type chunk struct {
 	data    []byte
 	replace bool
+	last    bool
 }
 
 // logStreamer keeps a lease's log as numbered chunks until the completion
@@ -28,6 +29,7 @@ type logStreamer struct {
 	chunks  []chunk // chunk i has seq i
 	sent    int     // chunks the leader acknowledged
 	pending []byte  // not yet cut into chunks
+	ended   bool    // the last chunk is queued
 	sending sync.Mutex
 }
 
@@ -90,6 +92,10 @@ func (l *logStreamer) flush(ctx context.Context, last bool) error {
 	defer l.sending.Unlock()
 	l.mu.Lock()
 	l.cut()
+	if last && !l.ended {
+		l.chunks = append(l.chunks, chunk{last: true})
+		l.ended = true
+	}
 	from := l.sent
 	todo := l.chunks[from:]
 	l.mu.Unlock()
@@ -100,7 +106,7 @@ func (l *logStreamer) flush(ctx context.Context, last bool) error {
 		stream := c.StreamLog(ctx)
 		stream.RequestHeader().Set("Authorization", "Bearer "+l.a.cred)
 		for i, ch := range todo {
-			msg := &kilnv1.LogChunk{LeaseId: l.lease, Seq: uint64(from + i), Data: ch.data, Replace: ch.replace, Last: last && i == len(todo)-1}
+			msg := &kilnv1.LogChunk{LeaseId: l.lease, Seq: uint64(from + i), Data: ch.data, Replace: ch.replace, Last: ch.last}
 			if err := stream.Send(msg); err != nil {
 				break
 			}

@@ -324,12 +324,14 @@ func (h *Handler) putLog(r *http.Request, drv string) error {
 	if r.ContentLength > h.cfg.MaxLogSize {
 		return fmt.Errorf("%w: log of %d bytes, limit %d", raftfsm.ErrTooLarge, r.ContentLength, h.cfg.MaxLogSize)
 	}
-	return h.IngestLog(r.Context(), drv, r.Body)
+	return h.IngestLog(r.Context(), &pb.LogRecord{DrvPath: drv}, r.Body)
 }
 
-// IngestLog compresses a log, stores it and publishes its record.
-func (h *Handler) IngestLog(ctx context.Context, drv string, body io.Reader) error {
-	if err := raftfsm.ValidDrvPath(drv); err != nil {
+// IngestLog compresses a log, stores it and publishes its record (rec
+// names the derivation, attempt and completeness; blob and size are filled
+// in here).
+func (h *Handler) IngestLog(ctx context.Context, rec *pb.LogRecord, body io.Reader) error {
+	if err := raftfsm.ValidDrvPath(rec.DrvPath); err != nil {
 		return err
 	}
 	var buf bytes.Buffer
@@ -352,5 +354,6 @@ func (h *Handler) IngestLog(ctx context.Context, drv string, body io.Reader) err
 	if err := h.cfg.Blobs.Put(ctx, blob, bytes.NewReader(buf.Bytes()), int64(buf.Len())); err != nil {
 		return err
 	}
-	return h.cfg.Publisher.PublishLog(ctx, &pb.LogRecord{DrvPath: drv, Blob: blob, Size: uint64(n)})
+	rec.Blob, rec.Size = blob, uint64(n)
+	return h.cfg.Publisher.PublishLog(ctx, rec)
 }

@@ -424,12 +424,15 @@ func (s agentService) Complete(ctx context.Context, req *connect.Request[kilnv1.
 		live.mu.Lock()
 		ll := live.logs[m.LeaseId]
 		var logBytes []byte
+		incomplete := true
 		if ll != nil {
 			logBytes = bytes.Clone(ll.buf.Bytes())
+			incomplete = ll.truncated || !ll.done
 		}
 		live.mu.Unlock()
 		if ll != nil {
-			if err := c.cacheHandler.IngestLog(ctx, l.DrvPath, bytes.NewReader(logBytes)); err != nil {
+			rec := &pb.LogRecord{DrvPath: l.DrvPath, Attempt: l.Attempt, Incomplete: incomplete}
+			if err := c.cacheHandler.IngestLog(ctx, rec, bytes.NewReader(logBytes)); err != nil {
 				return nil, rpc.Error(fmt.Errorf("storing the log: %w", err))
 			}
 		}
@@ -476,8 +479,10 @@ func (c *Coordinator) runLeaseExpiryLoop(ctx context.Context, live *liveness) {
 		now := time.Now()
 		var cmds []*pb.Command
 		var ids []uint64
+		byID := map[uint64]*pb.Lease{}
 		live.mu.Lock()
 		for _, l := range leases {
+			byID[l.Id] = l
 			last := live.since
 			if hb := live.leases[l.Id]; hb.After(last) {
 				last = hb
@@ -503,15 +508,25 @@ func (c *Coordinator) runLeaseExpiryLoop(ctx context.Context, live *liveness) {
 			c.log.Warn("expiring leases", "err", err)
 			continue
 		}
-		live.mu.Lock()
 		for i, r := range res.Results {
+			live.mu.Lock()
+			ll := live.logs[ids[i]]
 			delete(live.leases, ids[i])
 			delete(live.logs, ids[i])
-			if r.Err == nil {
-				c.log.Warn("lease expired", "lease", ids[i], "reason", "no heartbeat")
+			live.mu.Unlock()
+			if r.Err != nil {
+				continue
+			}
+			l := byID[ids[i]]
+			c.log.Warn("lease expired", "lease", ids[i], "step", l.DrvPath, "agent", l.AgentId, "reason", "no heartbeat")
+			if ll != nil && ll.buf.Len() > 0 {
+				// The attempt's log so far is kept, marked incomplete.
+				rec := &pb.LogRecord{DrvPath: l.DrvPath, Attempt: l.Attempt, Incomplete: true}
+				if err := c.cacheHandler.IngestLog(ctx, rec, bytes.NewReader(ll.buf.Bytes())); err != nil {
+					c.log.Warn("storing the log of an expired lease", "lease", ids[i], "step", l.DrvPath, "err", err)
+				}
 			}
 		}
-		live.mu.Unlock()
 	}
 }
 

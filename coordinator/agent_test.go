@@ -4,12 +4,14 @@ import (
 	"context"
 	"encoding/hex"
 	"errors"
+	"fmt"
 	"net/http"
 	"strings"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/google/go-cmp/cmp"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
 	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
@@ -213,6 +215,9 @@ func TestAgentProtocol(t *testing.T) {
 		t.Fatalf("second lease %v %v, want top", ls, err)
 	}
 	stale := ls[0]
+	if err := a.log(stale.LeaseId, "partial\n"); err != nil {
+		t.Fatal(err)
+	}
 	tc.waitFor(10*time.Second, "the unheartbeated lease expires", func() bool {
 		s, err := f.Read().Step(stale.DrvPath)
 		return err == nil && s.Tries == 1 && s.LeaseId == 0
@@ -249,6 +254,9 @@ func TestAgentProtocol(t *testing.T) {
 	if err := a.upload(top.LeaseId, makeNar(t, "top", nil)); err != nil {
 		t.Fatal(err)
 	}
+	if err := a.log(top.LeaseId, "second attempt\n"); err != nil {
+		t.Fatal(err)
+	}
 	if err := a.complete(top.LeaseId, kilnv1.Outcome_OUTCOME_SUCCEEDED); err != nil {
 		t.Fatal(err)
 	}
@@ -258,5 +266,40 @@ func TestAgentProtocol(t *testing.T) {
 	})
 	if b, _ := f.Read().Build(1); b.BuildStatus != 0 || len(b.Outputs) != 1 {
 		t.Errorf("build = %v; want status 0 with its output", b)
+	}
+	// Each attempt keeps its log; the expired one is marked incomplete.
+	var attempts []string
+	tc.waitFor(5*time.Second, "both attempts' logs", func() bool {
+		logs, _ := f.Read().Logs(top.DrvPath)
+		attempts = attempts[:0]
+		for _, lr := range logs {
+			attempts = append(attempts, fmt.Sprintf("%d:%v:%d", lr.Attempt, lr.Incomplete, lr.Size))
+		}
+		return len(logs) == 2
+	})
+	if d := cmp.Diff([]string{"1:true:8", "2:false:15"}, attempts); d != "" {
+		t.Errorf("log records (-want +got):\n%s", d)
+	}
+
+	// Cancelling a build tells the agent holding its step, on its next
+	// heartbeat, to stop.
+	lone := &pb.DerivationNode{DrvPath: storePathFor("lone.drv"), System: "x86_64-linux", Outputs: []*pb.Output{{Name: "out", Path: storePathFor("lone")}}}
+	cb, err := l.SubmitBuild(context.Background(), &pb.SubmitBuild{Build: &pb.Build{DrvPath: lone.DrvPath}, Graph: []*pb.DerivationNode{lone}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	ls, err = a.lease(5)
+	if err != nil || len(ls) != 1 || ls[0].DrvPath != lone.DrvPath {
+		t.Fatalf("lease %v %v, want the lone step", ls, err)
+	}
+	if _, err := l.CancelBuild(context.Background(), cb.Id, "test"); err != nil {
+		t.Fatal(err)
+	}
+	hb, err = a.client.Heartbeat(context.Background(), req(&kilnv1.HeartbeatRequest{LeaseIds: []uint64{ls[0].LeaseId}}, a.cred))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(hb.Msg.CancelLeaseIds) != 1 || hb.Msg.CancelLeaseIds[0] != ls[0].LeaseId {
+		t.Errorf("after cancelling, heartbeat cancels %v, want %d", hb.Msg.CancelLeaseIds, ls[0].LeaseId)
 	}
 }

@@ -279,13 +279,21 @@ func (r *Reader) NarInfo(hashPart string) (*pb.NarInfo, error) {
 	return n, err
 }
 
-// Log returns the log record of a derivation, or ErrNotFound.
+// Log returns the latest attempt's log record of a derivation, or ErrNotFound.
 func (r *Reader) Log(drvPath string) (*pb.LogRecord, error) {
-	l, err := first[*pb.LogRecord](r, tableLogs, "id", drvPath)
-	if err == nil && l == nil {
-		err = fmt.Errorf("%w: no log for %q", ErrNotFound, trunc(drvPath))
+	o, err := r.txn.Last(tableLogs, "id_prefix", drvPath)
+	if err != nil {
+		return nil, err
 	}
-	return l, err
+	if o == nil {
+		return nil, fmt.Errorf("%w: no log for %q", ErrNotFound, trunc(drvPath))
+	}
+	return o.(*pb.LogRecord), nil
+}
+
+// Logs lists every attempt's log record of a derivation, oldest first.
+func (r *Reader) Logs(drvPath string) ([]*pb.LogRecord, error) {
+	return all[*pb.LogRecord](r.txn.Get(tableLogs, "id_prefix", drvPath))
 }
 
 // Pins lists pinned paths.

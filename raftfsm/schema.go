@@ -93,6 +93,26 @@ func uintArgs(args ...any) ([]byte, error) {
 	return u64(v), nil
 }
 
+// logArgs takes (drv [, attempt]); the drv alone is a prefix of its attempts.
+func logArgs(args ...any) ([]byte, error) {
+	if len(args) == 0 || len(args) > 2 {
+		return nil, fmt.Errorf("want a drv path and an optional attempt")
+	}
+	drv, ok := args[0].(string)
+	if !ok {
+		return nil, fmt.Errorf("drv argument: want string, got %T", args[0])
+	}
+	k := strKey(drv)
+	if len(args) == 2 {
+		a, ok := args[1].(uint32)
+		if !ok {
+			return nil, fmt.Errorf("attempt argument: want uint32, got %T", args[1])
+		}
+		k = binary.BigEndian.AppendUint32(k, a)
+	}
+	return k, nil
+}
+
 // stateSystemArgs takes (state [, system [, featuresKey]]).
 func stateSystemArgs(args ...any) ([]byte, error) {
 	if len(args) == 0 {
@@ -205,8 +225,9 @@ func schema() *memdb.DBSchema {
 		}},
 		tableLogs: {Name: tableLogs, Indexes: map[string]*memdb.IndexSchema{
 			"id": idx("id", true, func(o any) ([]byte, bool, error) {
-				return strKey(o.(*pb.LogRecord).DrvPath), true, nil
-			}, stringsArgs),
+				l := o.(*pb.LogRecord)
+				return binary.BigEndian.AppendUint32(strKey(l.DrvPath), l.Attempt), true, nil
+			}, logArgs),
 			"blob": idx("blob", false, func(o any) ([]byte, bool, error) {
 				return strKey(o.(*pb.LogRecord).Blob), true, nil
 			}, stringsArgs),

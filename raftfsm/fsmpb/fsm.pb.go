@@ -1807,13 +1807,19 @@ func (x *NarInfo) GetSystem() string {
 	return ""
 }
 
-// A finished build log, stored zstd-compressed as a blob.
+// A finished build log, stored zstd-compressed as a blob. Each attempt of
+// a step keeps its own (attempt 0: uploaded from outside, e.g. by
+// `nix store copy-log`); the highest attempt is the one served.
 type LogRecord struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	DrvPath       string                 `protobuf:"bytes,1,opt,name=drv_path,json=drvPath,proto3" json:"drv_path,omitempty"`
-	Blob          string                 `protobuf:"bytes,2,opt,name=blob,proto3" json:"blob,omitempty"`
-	Size          uint64                 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"` // uncompressed bytes
-	CreatedAt     int64                  `protobuf:"varint,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	state     protoimpl.MessageState `protogen:"open.v1"`
+	DrvPath   string                 `protobuf:"bytes,1,opt,name=drv_path,json=drvPath,proto3" json:"drv_path,omitempty"`
+	Blob      string                 `protobuf:"bytes,2,opt,name=blob,proto3" json:"blob,omitempty"`
+	Size      uint64                 `protobuf:"varint,3,opt,name=size,proto3" json:"size,omitempty"` // uncompressed bytes
+	CreatedAt int64                  `protobuf:"varint,4,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	Attempt   uint32                 `protobuf:"varint,5,opt,name=attempt,proto3" json:"attempt,omitempty"`
+	// incomplete: the agent could not deliver the whole log (truncated at
+	// the size limit, or lost).
+	Incomplete    bool `protobuf:"varint,6,opt,name=incomplete,proto3" json:"incomplete,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1874,6 +1880,20 @@ func (x *LogRecord) GetCreatedAt() int64 {
 		return x.CreatedAt
 	}
 	return 0
+}
+
+func (x *LogRecord) GetAttempt() uint32 {
+	if x != nil {
+		return x.Attempt
+	}
+	return 0
+}
+
+func (x *LogRecord) GetIncomplete() bool {
+	if x != nil {
+		return x.Incomplete
+	}
+	return false
 }
 
 // A store path kept by the cache GC whatever else happens.
@@ -3320,13 +3340,17 @@ const file_fsm_proto_rawDesc = "" +
 	"\x04blob\x18\f \x01(\tR\x04blob\x12\x1d\n" +
 	"\n" +
 	"created_at\x18\r \x01(\x03R\tcreatedAt\x12\x16\n" +
-	"\x06system\x18\x0e \x01(\tR\x06system\"m\n" +
+	"\x06system\x18\x0e \x01(\tR\x06system\"\xa7\x01\n" +
 	"\tLogRecord\x12\x19\n" +
 	"\bdrv_path\x18\x01 \x01(\tR\adrvPath\x12\x12\n" +
 	"\x04blob\x18\x02 \x01(\tR\x04blob\x12\x12\n" +
 	"\x04size\x18\x03 \x01(\x04R\x04size\x12\x1d\n" +
 	"\n" +
-	"created_at\x18\x04 \x01(\x03R\tcreatedAt\"[\n" +
+	"created_at\x18\x04 \x01(\x03R\tcreatedAt\x12\x18\n" +
+	"\aattempt\x18\x05 \x01(\rR\aattempt\x12\x1e\n" +
+	"\n" +
+	"incomplete\x18\x06 \x01(\bR\n" +
+	"incomplete\"[\n" +
 	"\x03Pin\x12\x1d\n" +
 	"\n" +
 	"store_path\x18\x01 \x01(\tR\tstorePath\x12\x16\n" +
