@@ -298,3 +298,48 @@ func readAll(t *testing.T, resp *http.Response) string {
 	}
 	return sb.String()
 }
+
+// TestKilnBuild: `kiln build -f FILE -A ATTR` evaluates locally, pushes
+// the derivations, builds on the farm and prints the outputs; a failing
+// build exits non-zero with the failing step and its log's tail.
+func TestKilnBuild(t *testing.T) {
+	fm := startFarm(t)
+	f1, _, _ := fm.followers()
+	fm.startAgent("agentA", f1, "benchmark")
+	tokenFile := filepath.Join(fm.dir, "admin-token")
+	if err := os.WriteFile(tokenFile, []byte(token+"\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	expr := strings.ReplaceAll(graphExpr, "NONCE", fmt.Sprint(time.Now().UnixNano()))
+	file := filepath.Join(fm.dir, "build.nix")
+	if err := os.WriteFile(file, []byte(expr), 0o644); err != nil {
+		t.Fatal(err)
+	}
+	kilnBuild := func(attr string) (string, string, error) {
+		cmd := exec.Command(kilnBin, "build", "-f", file, "-A", attr, "--coordinator", "http://"+f1.http,
+			"--token-file", tokenFile, "--store", fm.nx.store("src"), "--timeout", "2m")
+		cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(fm.dir, "xdg-build-"+attr))
+		var out, errb strings.Builder
+		cmd.Stdout, cmd.Stderr = &out, &errb
+		err := cmd.Run()
+		return out.String(), errb.String(), err
+	}
+	out, errOut, err := kilnBuild("c3")
+	if err != nil {
+		t.Fatalf("kiln build c3: %v\n%s", err, errOut)
+	}
+	paths := strings.Fields(out)
+	if len(paths) != 1 || !strings.HasSuffix(paths[0], "-chain-3") {
+		t.Fatalf("kiln build printed %q, want the chain-3 output", out)
+	}
+	if !strings.Contains(errOut, "steps: 3 done") {
+		t.Errorf("progress never showed the three steps done:\n%s", errOut)
+	}
+	out, errOut, err = kilnBuild("afterFail")
+	if err == nil {
+		t.Fatalf("kiln build of a failing build succeeded: %s", out)
+	}
+	if !strings.Contains(errOut, "-fails.drv") || !strings.Contains(errOut, "> about to fail") {
+		t.Errorf("failure report lacks the failing step or its log:\n%s", errOut)
+	}
+}

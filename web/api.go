@@ -45,6 +45,7 @@ func NewAPI(cfg Config) http.Handler {
 	a.mux.HandleFunc("POST /api/v1/builds", a.write(a.submitBuild))
 	a.mux.HandleFunc("GET /api/v1/builds", a.listBuilds)
 	a.mux.HandleFunc("GET /api/v1/builds/{id}", a.getBuild)
+	a.mux.HandleFunc("GET /api/v1/builds/{id}/steps", a.buildSteps)
 	a.mux.HandleFunc("POST /api/v1/builds/{id}/cancel", a.write(a.cancelBuild))
 	return a
 }

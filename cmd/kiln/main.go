@@ -38,7 +38,7 @@ func newRootCmd() *cobra.Command {
 			return applyConfig(cmd, os.LookupEnv)
 		},
 	}
-	root.AddCommand(newCoordinatorCmd(), newDevCmd(), newKeygenCmd(), newAgentCmd())
+	root.AddCommand(newCoordinatorCmd(), newDevCmd(), newKeygenCmd(), newAgentCmd(), newBuildCmd())
 	return root
 }
 
