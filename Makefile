@@ -27,8 +27,8 @@ test: deps vet
 	$(GO) test -count=1 -timeout 15m ./...
 	$(GO) test -race -count=1 -timeout 10m ./raftfsm ./coordinator ./cache ./agent
 
-demo: build
-	./$(BIN) dev
+demo: build deps
+	BIN=./$(BIN) sh examples/demo.sh
 
 # proto regenerates the committed Connect/protobuf code (the build needs no buf).
 proto:

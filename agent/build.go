@@ -12,6 +12,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strconv"
 	"strings"
 	"sync"
@@ -27,6 +28,9 @@ import (
 )
 
 const storeDir = "/nix/store"
+
+// ansi matches terminal colour codes in Nix's messages.
+var ansi = regexp.MustCompile("\x1b\\[[0-9;]*m")
 
 func nixVersion() string {
 	out, err := exec.Command("nix-store", "--version").Output()
@@ -178,7 +182,7 @@ func (a *Agent) realise(ctx context.Context, l *kilnv1.Lease, ls *logStreamer) (
 				ls.add([]byte(s + "\n"))
 			}
 		case ev.Action == "msg" && ev.Level == 0: // errors
-			errs = append(errs, ev.Msg)
+			errs = append(errs, ansi.ReplaceAllString(ev.Msg, ""))
 		}
 	}
 	err = cmd.Wait()

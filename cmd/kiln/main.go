@@ -17,6 +17,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/kilnci/kiln/agent"
 	"github.com/kilnci/kiln/cache"
 	"github.com/kilnci/kiln/coordinator"
 )
@@ -154,7 +155,7 @@ func newCoordinatorCmd() *cobra.Command {
 }
 
 // runCoordinator runs until SIGINT/SIGTERM, then shuts down gracefully.
-func runCoordinator(ctx context.Context, cfg coordinator.Config, started func(*coordinator.Coordinator)) error {
+func runCoordinator(ctx context.Context, cfg coordinator.Config, started func(context.Context, *coordinator.Coordinator) func()) error {
 	if ctx == nil {
 		ctx = context.Background()
 	}
@@ -167,16 +168,24 @@ func runCoordinator(ctx context.Context, cfg coordinator.Config, started func(*c
 	if err := c.Start(); err != nil {
 		return err
 	}
+	var wait func()
 	if started != nil {
-		started(c)
+		wait = started(ctx, c)
 	}
 	<-ctx.Done()
 	cfg.Logger.Info("shutting down")
+	if wait != nil {
+		wait()
+	}
 	return c.Close()
 }
 
 func newDevCmd() *cobra.Command {
 	var f coordinatorFlags
+	var agentStore string
+	var agentJobs int
+	var agentNixOptions []string
+	var noAgent bool
 	cmd := &cobra.Command{
 		Use:   "dev",
 		Short: "Run a single-node Kiln for local use (data in a temp dir unless --data-dir)",
@@ -215,16 +224,70 @@ func newDevCmd() *cobra.Command {
 					}
 				}
 			}
-			return runCoordinator(cmd.Context(), f.cfg, func(c *coordinator.Coordinator) {
+			agentTokenFile := f.agentTokenFile
+			if agentTokenFile == "" {
+				agentTokenFile = filepath.Join(f.cfg.DataDir, "agent-token")
+				if err := ensureToken(agentTokenFile); err != nil {
+					return err
+				}
+			}
+			if f.cfg.AgentToken, err = readToken(agentTokenFile); err != nil {
+				return err
+			}
+			return runCoordinator(cmd.Context(), f.cfg, func(ctx context.Context, c *coordinator.Coordinator) func() {
+				wait := func() {}
+				if !noAgent {
+					wait = startDevAgent(ctx, f.cfg, c.HTTPAddr(), agentStore, agentJobs, agentNixOptions)
+				}
 				fmt.Printf("Kiln dev is running.\n  API:         http://%s/api/v1/builds\n  Cluster:     http://%s/api/v1/cluster\n  Data dir:    %s\n  Admin token: %s\n  (token file: %s)\n",
 					c.HTTPAddr(), c.HTTPAddr(), f.cfg.DataDir, tok, f.adminTokenFile)
 				fmt.Printf("  Substituter: http://%s/cache\n  Public key:  %s\n  Push:        nix copy --to 'http://%s/cache?compression=zstd' PATH  (netrc password: the admin token)\n",
 					c.HTTPAddr(), c.CachePublicKey(), c.HTTPAddr())
+				fmt.Printf("  Build:       kiln build -f examples/default.nix --coordinator http://%s --token-file %s\n", c.HTTPAddr(), f.adminTokenFile)
+				return wait
 			})
 		},
 	}
 	f.register(cmd, "127.0.0.1:8080", "127.0.0.1:8300")
+	cmd.Flags().BoolVar(&noAgent, "no-agent", false, "do not run the local agent")
+	cmd.Flags().StringVar(&agentStore, "agent-store", "", "Nix store the local agent builds in (default: the host's store)")
+	cmd.Flags().IntVar(&agentJobs, "agent-max-jobs", 2, "builds the local agent runs at once")
+	cmd.Flags().StringArrayVar(&agentNixOptions, "agent-nix-option", nil, "extra Nix option NAME=VALUE for the local agent's builds")
 	return cmd
+}
+
+// startDevAgent runs an agent on the local Nix next to the dev
+// coordinator; it returns a function that waits for it to stop.
+func startDevAgent(ctx context.Context, cfg coordinator.Config, httpAddr, store string, jobs int, nixOptions []string) func() {
+	log := cfg.Logger.With("component", "agent")
+	systems, features, err := localNix()
+	if err != nil {
+		log.Warn("no local Nix: running without an agent", "err", err)
+		fmt.Println("  Agent:       none (no local Nix found)")
+		return func() {}
+	}
+	a, err := agent.New(agent.Config{
+		Coordinators: []string{"http://" + httpAddr}, JoinToken: cfg.AgentToken,
+		WorkDir: filepath.Join(cfg.DataDir, "agent"), Store: store, Systems: systems, Features: features,
+		MaxJobs: jobs, Name: "kiln-dev", NixOptions: nixOptions, Logger: log,
+	})
+	if err != nil {
+		log.Error("local agent", "err", err)
+		return func() {}
+	}
+	done := make(chan struct{})
+	go func() {
+		defer close(done)
+		if err := a.Run(ctx); err != nil && ctx.Err() == nil {
+			log.Error("local agent stopped", "err", err)
+		}
+	}()
+	where := store
+	if where == "" {
+		where = "the host's store"
+	}
+	fmt.Printf("  Agent:       local, systems %v, features %v, building in %s\n", systems, features, where)
+	return func() { <-done }
 }
 
 // ensureToken writes a new random token to path unless one is there.
