@@ -14,6 +14,7 @@ import (
 	"net/http/httputil"
 	"net/url"
 	"slices"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
@@ -27,6 +28,7 @@ import (
 	"github.com/kilnci/kiln/rpc"
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
 	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
+	"github.com/kilnci/kiln/web"
 )
 
 // agentService implements kiln.v1.AgentService on the leader; followers
@@ -575,4 +577,50 @@ func (c *Coordinator) leaderHTTPAddr() (string, error) {
 		return "", fmt.Errorf("%w: leader %s has no known HTTP address", raftfsm.ErrUnavailable, id)
 	}
 	return n.HttpAddr, nil
+}
+
+// handleLiveLog serves the live log of a running lease from the leader's
+// memory (followers proxy the call): the bytes from ?offset=, with
+// X-Kiln-Log-Size (all bytes so far) and X-Kiln-Log-Done.
+func (c *Coordinator) handleLiveLog(w http.ResponseWriter, r *http.Request) {
+	id, err := strconv.ParseUint(r.PathValue("lease"), 10, 64)
+	if err != nil {
+		web.WriteError(w, fmt.Errorf("%w: lease id %q", raftfsm.ErrInvalid, r.PathValue("lease")))
+		return
+	}
+	var off int64
+	if v := r.URL.Query().Get("offset"); v != "" {
+		if off, err = strconv.ParseInt(v, 10, 64); err != nil || off < 0 {
+			web.WriteError(w, fmt.Errorf("%w: offset %q", raftfsm.ErrInvalid, v))
+			return
+		}
+	}
+	live := c.live()
+	if live == nil {
+		web.WriteError(w, fmt.Errorf("%w: not the leader", raftfsm.ErrUnavailable))
+		return
+	}
+	live.mu.Lock()
+	ll := live.logs[id]
+	var chunk []byte
+	var size int64
+	done := false
+	if ll != nil {
+		b := ll.buf.Bytes()
+		size = int64(len(b))
+		if off < size {
+			chunk = bytes.Clone(b[off:min(size, off+4<<20)])
+		}
+		done = ll.done
+	}
+	live.mu.Unlock()
+	if ll == nil {
+		web.WriteError(w, fmt.Errorf("%w: no live log for lease %d (finished logs are under /cache/log/)", raftfsm.ErrNotFound, id))
+		return
+	}
+	w.Header().Set("Content-Type", "text/plain; charset=utf-8")
+	w.Header().Set("X-Kiln-Log-Size", strconv.FormatInt(size, 10))
+	w.Header().Set("X-Kiln-Log-Done", strconv.FormatBool(done))
+	w.Header().Set("Cache-Control", "no-store")
+	_, _ = w.Write(chunk)
 }

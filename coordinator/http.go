@@ -56,6 +56,7 @@ func (c *Coordinator) newHTTPServer() *http.Server {
 	mux.Handle("/cache/", c.cacheHandler)
 	mux.HandleFunc("/internal/v1/blobs/{name}", c.handleInternalBlob)
 	mux.HandleFunc("/api/v1/cache/scrub", c.handleScrub)
+	mux.Handle("GET /api/v1/leases/{lease}/log", c.leaderProxy(http.HandlerFunc(c.handleLiveLog)))
 
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)

@@ -316,6 +316,13 @@ func TestKilnBuild(t *testing.T) {
 		t.Fatal(err)
 	}
 	kilnBuild := func(attr string) (string, string, error) {
+		file := file
+		if attr == "slow" {
+			file = filepath.Join(fm.dir, "slow.nix")
+			if err := os.WriteFile(file, []byte(slow("0.5")), 0o644); err != nil {
+				t.Fatal(err)
+			}
+		}
 		cmd := exec.Command(kilnBin, "build", "-f", file, "-A", attr, "--coordinator", "http://"+f1.http,
 			"--token-file", tokenFile, "--store", fm.nx.store("src"), "--timeout", "2m")
 		cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(fm.dir, "xdg-build-"+attr))
@@ -334,6 +341,13 @@ func TestKilnBuild(t *testing.T) {
 	}
 	if !strings.Contains(errOut, "steps: 3 done") {
 		t.Errorf("progress never showed the three steps done:\n%s", errOut)
+	}
+	// The log of a running step is shown while it runs.
+	if _, errOut, err = kilnBuild("slow"); err != nil {
+		t.Fatalf("kiln build slow: %v\n%s", err, errOut)
+	}
+	if !strings.Contains(errOut, "slow> tick 3") {
+		t.Errorf("no live log lines in kiln build's output:\n%s", errOut)
 	}
 	out, errOut, err = kilnBuild("afterFail")
 	if err == nil {

@@ -164,6 +164,41 @@ type stepStatus struct {
 	DrvPath   string `json:"drv_path"`
 	State     string `json:"state"`
 	LastError string `json:"last_error"`
+	LeaseID   uint64 `json:"lease_id"`
+}
+
+// liveLogs prints what running steps' logs gained since the last call.
+type liveLogs struct {
+	api     *apiClient
+	offsets map[uint64]int64
+	partial map[uint64]string
+}
+
+func (l *liveLogs) follow(ctx context.Context, s stepStatus, w io.Writer) {
+	if s.State != "running" || s.LeaseID == 0 {
+		return
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, fmt.Sprintf("%s/api/v1/leases/%d/log?offset=%d", l.api.base, s.LeaseID, l.offsets[s.LeaseID]), nil)
+	if err != nil {
+		return
+	}
+	resp, err := l.api.hc.Do(req)
+	if err != nil {
+		return
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return
+	}
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 4<<20))
+	l.offsets[s.LeaseID] += int64(len(b))
+	text := l.partial[s.LeaseID] + string(b)
+	lines := strings.Split(text, "\n")
+	l.partial[s.LeaseID] = lines[len(lines)-1]
+	name := strings.TrimSuffix(strings.TrimPrefix(s.DrvPath, "/nix/store/")[33:], ".drv")
+	for _, line := range lines[:len(lines)-1] {
+		fmt.Fprintf(w, "%s> %s\n", name, line)
+	}
 }
 
 func runBuild(ctx context.Context, f buildFlags, token string, args []string, stdout, stderr io.Writer) error {
@@ -225,8 +260,9 @@ func runBuild(ctx context.Context, f buildFlags, token string, args []string, st
 		fmt.Fprintf(stderr, "build %d: %s\n", b.ID, drv)
 		builds = append(builds, b)
 	}
-	// 4. Follow until every build finished.
+	// 4. Follow until every build finished, printing running steps' logs.
 	last := ""
+	logs := &liveLogs{api: api, offsets: map[uint64]int64{}, partial: map[uint64]string{}}
 	for {
 		done, failed := 0, []buildStatus{}
 		counts := map[string]int{}
@@ -244,6 +280,7 @@ func runBuild(ctx context.Context, f buildFlags, token string, args []string, st
 			}
 			for _, s := range steps.Steps {
 				counts[s.State]++
+				logs.follow(ctx, s, stderr)
 			}
 			if cur.Finished {
 				done++
