@@ -47,6 +47,10 @@ type liveness struct {
 	agents   map[string]time.Time // last call per agent
 	granting map[string]bool      // steps with a grant in flight
 	logs     map[uint64]*leaseLog // live logs by lease
+
+	fairMu    sync.Mutex
+	fair      *raftfsm.FairShare
+	fairIndex uint64
 }
 
 type leaseLog struct {
@@ -59,6 +63,21 @@ type leaseLog struct {
 func newLiveness() *liveness {
 	return &liveness{since: time.Now(), leases: map[uint64]time.Time{}, agents: map[string]time.Time{},
 		granting: map[string]bool{}, logs: map[uint64]*leaseLog{}}
+}
+
+// fairShare is the jobsets' use of the farm, recomputed when the state moved.
+func (l *liveness) fairShare(r *raftfsm.Reader, index uint64) (*raftfsm.FairShare, error) {
+	l.fairMu.Lock()
+	defer l.fairMu.Unlock()
+	if l.fair != nil && l.fairIndex == index {
+		return l.fair, nil
+	}
+	f, err := r.FairShare()
+	if err != nil {
+		return nil, err
+	}
+	l.fair, l.fairIndex = f, index
+	return f, nil
 }
 
 func (l *liveness) touchAgent(id string) {
@@ -161,8 +180,12 @@ func (s agentService) Lease(ctx context.Context, req *connect.Request[kilnv1.Lea
 		ws := memdb.NewWatchSet()
 		r := c.fsm.Read()
 		ws.Add(r.Abandon())
+		fair, err := live.fairShare(r, c.fsm.AppliedIndex())
+		if err != nil {
+			return nil, rpc.Error(err)
+		}
 		live.mu.Lock()
-		steps, err := r.PickRunnable(ws, a, time.Now().Unix(), slots, func(d string) bool { return live.granting[d] })
+		steps, err := r.PickRunnable(ws, a, time.Now().Unix(), slots, func(d string) bool { return live.granting[d] }, fair)
 		for _, st := range steps {
 			live.granting[st.DrvPath] = true
 		}

@@ -127,6 +127,9 @@ func applySubmitBuild(c *applyCtx, m *pb.SubmitBuild) (uint64, error) {
 				DrvPath: drv, Outputs: n.Outputs, InputDrvs: n.InputDrvs, System: n.System,
 				RequiredFeatures: slices.Compact(feats), CreatedAt: c.now,
 			}
+			if b.Project != "" {
+				s.Jobset = b.Project + ":" + b.Jobset
+			}
 			w.steps[drv] = s
 			for _, in := range n.InputDrvs {
 				is, err := w.mustStep(in)

@@ -43,14 +43,57 @@ func schedBefore(a, b *pb.Step) bool {
 	return a.DrvPath < b.DrvPath
 }
 
+// FairShare is what the scheduler knows of each jobset's use of the farm:
+// running leases and scheduling shares (Hydra's; default 100).
+type FairShare struct {
+	Running map[string]int
+	Shares  map[string]int32
+}
+
+func (f *FairShare) load(jobset string) float64 {
+	shares := f.Shares[jobset]
+	if shares <= 0 {
+		shares = 100
+	}
+	return float64(f.Running[jobset]) / float64(shares)
+}
+
+// FairShare counts running leases per jobset and reads their shares.
+func (r *Reader) FairShare() (*FairShare, error) {
+	f := &FairShare{Running: map[string]int{}, Shares: map[string]int32{}}
+	leases, err := r.Leases()
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range leases {
+		if s, err := r.Step(l.DrvPath); err == nil {
+			f.Running[s.Jobset]++
+		}
+	}
+	js, err := r.Jobsets("")
+	if err != nil {
+		return nil, err
+	}
+	for _, j := range js {
+		f.Shares[j.Project+":"+j.Name] = j.SchedulingShares
+	}
+	return f, nil
+}
+
+// fairCandidates is how many of a group's best steps fair share chooses among.
+const fairCandidates = 32
+
 // PickRunnable returns up to n runnable steps the agent may build, best
 // first, skipping steps that are backing off at now and those skip names.
+// The order is global priority, priority, then (with fair non-nil) the
+// jobset using the least of its share, then age; fair share chooses among
+// the best few dozen steps of each group, which keeps the cost bounded.
 // It walks the scheduler index one (system, feature set) group at a time,
 // jumping over groups the agent cannot build, so its cost depends on the
 // number of groups and skipped steps, not on the queue's length. Watch
 // channels of what it read go to ws (when not nil), so a long-poll wakes
 // when fitting work may have appeared.
-func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, skip func(drv string) bool) ([]*pb.Step, error) {
+func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, skip func(drv string) bool, fair *FairShare) ([]*pb.Step, error) {
 	var heads []*pb.Step // the best candidate of each fitting group, in turn
 	var iters []memdb.ResultIterator // *pushBack
 	for _, system := range a.Systems {
@@ -99,6 +142,9 @@ func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, 
 		}
 		return nil
 	}
+	if fair != nil {
+		return pickFair(iters, next, n, fair), nil
+	}
 	for i := range iters {
 		heads[i] = next(i)
 	}
@@ -136,4 +182,53 @@ func (p *pushBack) Next() any {
 		return o
 	}
 	return p.rest.Next()
+}
+
+// pickFair takes the best few steps of each group and orders them by
+// priority, then the load of their jobset (updated as steps are picked),
+// then age.
+func pickFair(iters []memdb.ResultIterator, next func(int) *pb.Step, n int, fair *FairShare) []*pb.Step {
+	var cands []*pb.Step
+	for i := range iters {
+		for k := 0; k < max(n, fairCandidates); k++ {
+			s := next(i)
+			if s == nil {
+				break
+			}
+			cands = append(cands, s)
+		}
+	}
+	running := map[string]int{}
+	for k, v := range fair.Running {
+		running[k] = v
+	}
+	f := &FairShare{Running: running, Shares: fair.Shares}
+	var out []*pb.Step
+	for len(out) < n && len(cands) > 0 {
+		best := 0
+		for i, c := range cands[1:] {
+			b := cands[best]
+			switch {
+			case c.GlobalPriority != b.GlobalPriority:
+				if c.GlobalPriority > b.GlobalPriority {
+					best = i + 1
+				}
+			case c.Priority != b.Priority:
+				if c.Priority > b.Priority {
+					best = i + 1
+				}
+			case f.load(c.Jobset) != f.load(b.Jobset):
+				if f.load(c.Jobset) < f.load(b.Jobset) {
+					best = i + 1
+				}
+			case schedBefore(c, b):
+				best = i + 1
+			}
+		}
+		s := cands[best]
+		out = append(out, s)
+		f.Running[s.Jobset]++
+		cands = append(cands[:best], cands[best+1:]...)
+	}
+	return out
 }

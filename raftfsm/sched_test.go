@@ -71,11 +71,54 @@ func TestPickRunnable(t *testing.T) {
 			for _, s := range tt.skip {
 				skip[drv(s)] = true
 			}
-			got, err := a.f.Read().PickRunnable(nil, tt.agent, a.now, tt.n, func(d string) bool { return skip[d] })
+			got, err := a.f.Read().PickRunnable(nil, tt.agent, a.now, tt.n, func(d string) bool { return skip[d] }, nil)
 			if err != nil {
 				t.Fatal(err)
 			}
 			if d := cmp.Diff(tt.want, name(got)); d != "" {
+				t.Errorf("picked (-want +got):\n%s", d)
+			}
+		})
+	}
+}
+
+// TestPickRunnableFairShare: at equal priority, the jobset using the least
+// of its scheduling shares goes first, whatever the age.
+func TestPickRunnableFairShare(t *testing.T) {
+	a := newApplier(t)
+	for i, js := range []string{"busy", "busy", "idle", "idle"} {
+		n := node(fmt.Sprintf("%s-%d", js, i))
+		m := submit(uint64(i+1), "", n)
+		m.Build.DrvPath, m.Build.Project, m.Build.Jobset = n.DrvPath, "p", js
+		if r := a.one(pb.CommandType_COMMAND_TYPE_SUBMIT_BUILD, m); r.Err != nil {
+			t.Fatal(r.Err)
+		}
+	}
+	agent := &pb.Agent{Systems: []string{"x86_64-linux"}}
+	tests := []struct {
+		name string
+		fair *FairShare
+		want []string
+	}{
+		{"no fair share: age", nil, []string{"busy-0", "busy-1", "idle-2"}},
+		{"busy jobset runs two: idle first, then alternate", &FairShare{Running: map[string]int{"p:busy": 2}}, []string{"idle-2", "idle-3", "busy-0"}},
+		{"busy has many more shares", &FairShare{Running: map[string]int{"p:busy": 2, "p:idle": 1}, Shares: map[string]int32{"p:busy": 1000}}, []string{"busy-0", "busy-1", "idle-2"}},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			got, err := a.f.Read().PickRunnable(nil, agent, a.now, 3, nil, tt.fair)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var names []string
+			for _, s := range got {
+				for _, n := range []string{"busy-0", "busy-1", "idle-2", "idle-3"} {
+					if s.DrvPath == drv(n) {
+						names = append(names, n)
+					}
+				}
+			}
+			if d := cmp.Diff(tt.want, names); d != "" {
 				t.Errorf("picked (-want +got):\n%s", d)
 			}
 		})
@@ -104,7 +147,7 @@ func BenchmarkPickRunnable(b *testing.B) {
 			agent := &pb.Agent{Systems: []string{"x86_64-linux"}}
 			r := a.f.Read()
 			for b.Loop() {
-				got, err := r.PickRunnable(nil, agent, 10, 4, nil)
+				got, err := r.PickRunnable(nil, agent, 10, 4, nil, nil)
 				if err != nil || len(got) != 4 {
 					b.Fatalf("picked %d, %v", len(got), err)
 				}

@@ -1228,8 +1228,10 @@ type Step struct {
 	// the scheduler's order is global priority, priority, then age.
 	Priority       int32 `protobuf:"varint,18,opt,name=priority,proto3" json:"priority,omitempty"`
 	GlobalPriority int64 `protobuf:"varint,19,opt,name=global_priority,json=globalPriority,proto3" json:"global_priority,omitempty"`
-	unknownFields  protoimpl.UnknownFields
-	sizeCache      protoimpl.SizeCache
+	// "project:jobset" of the build that first needed it, for fair share.
+	Jobset        string `protobuf:"bytes,20,opt,name=jobset,proto3" json:"jobset,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Step) Reset() {
@@ -1393,6 +1395,13 @@ func (x *Step) GetGlobalPriority() int64 {
 		return x.GlobalPriority
 	}
 	return 0
+}
+
+func (x *Step) GetJobset() string {
+	if x != nil {
+		return x.Jobset
+	}
+	return ""
 }
 
 type Lease struct {
@@ -3265,7 +3274,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\"0\n" +
 	"\x06Output\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
-	"\x04path\x18\x02 \x01(\tR\x04path\"\xf3\x04\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\"\x8b\x05\n" +
 	"\x04Step\x12\x19\n" +
 	"\bdrv_path\x18\x01 \x01(\tR\adrvPath\x12-\n" +
 	"\aoutputs\x18\x02 \x03(\v2\x13.kiln.fsm.v1.OutputR\aoutputs\x12\x1d\n" +
@@ -3294,7 +3303,8 @@ const file_fsm_proto_rawDesc = "" +
 	"dependents\x18\x11 \x03(\tR\n" +
 	"dependents\x12\x1a\n" +
 	"\bpriority\x18\x12 \x01(\x05R\bpriority\x12'\n" +
-	"\x0fglobal_priority\x18\x13 \x01(\x03R\x0eglobalPriority\"\xa5\x01\n" +
+	"\x0fglobal_priority\x18\x13 \x01(\x03R\x0eglobalPriority\x12\x16\n" +
+	"\x06jobset\x18\x14 \x01(\tR\x06jobset\"\xa5\x01\n" +
 	"\x05Lease\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x19\n" +
 	"\bagent_id\x18\x02 \x01(\tR\aagentId\x12\x19\n" +
