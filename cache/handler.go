@@ -13,6 +13,7 @@ import (
 	"net/http"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"github.com/klauspost/compress/zstd"
@@ -55,6 +56,31 @@ type Config struct {
 type Handler struct {
 	cfg       Config
 	cacheInfo []byte
+
+	// encoded keeps the .narinfo text of records recently served. Records
+	// are immutable (a new one is a new pointer), so the pointer is the
+	// key; the map is dropped whole when it fills up.
+	encMu   sync.Mutex
+	encoded map[*pb.NarInfo][]byte
+}
+
+const maxEncoded = 16384
+
+func (h *Handler) narInfoText(rec *pb.NarInfo) []byte {
+	h.encMu.Lock()
+	b, ok := h.encoded[rec]
+	h.encMu.Unlock()
+	if ok {
+		return b
+	}
+	b = AppendNarInfo(make([]byte, 0, 512), rec)
+	h.encMu.Lock()
+	if len(h.encoded) >= maxEncoded {
+		h.encoded = map[*pb.NarInfo][]byte{}
+	}
+	h.encoded[rec] = b
+	h.encMu.Unlock()
+	return b
 }
 
 // Defaults for Config's size bounds.
@@ -78,7 +104,7 @@ func NewHandler(cfg Config) *Handler {
 		cfg.Priority = 30
 	}
 	info := fmt.Sprintf("StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n", raftfsm.StoreDir, cfg.Priority)
-	return &Handler{cfg: cfg, cacheInfo: []byte(info)}
+	return &Handler{cfg: cfg, cacheInfo: []byte(info), encoded: map[*pb.NarInfo][]byte{}}
 }
 
 const (
@@ -190,8 +216,7 @@ func (h *Handler) serveNarInfo(w http.ResponseWriter, r *http.Request, hashPart 
 		h.fail(w, r, err)
 		return
 	}
-	buf := AppendNarInfo(make([]byte, 0, 512), rec)
-	h.serveBytes(w, r, "text/x-nix-narinfo", ccRecord, `"`+rec.Blob[:32]+`"`, buf)
+	h.serveBytes(w, r, "text/x-nix-narinfo", ccRecord, `"`+rec.Blob[:32]+`"`, h.narInfoText(rec))
 }
 
 func (h *Handler) serveNar(w http.ResponseWriter, r *http.Request, blob string) {
