@@ -50,6 +50,44 @@ type Config struct {
 	MaxNarSize int64 // bound on a compressed NAR file and on the NAR inside
 	MaxLogSize int64
 	Log        *slog.Logger
+	// Metrics, when set, counts requests and uploaded bytes.
+	Metrics Metrics
+}
+
+// Metrics receives what the handler counts.
+type Metrics interface {
+	Request(kind string, hit bool)
+	Uploaded(bytes int64)
+	Served(bytes int64)
+}
+
+type noMetrics struct{}
+
+func (noMetrics) Request(string, bool) {}
+func (noMetrics) Uploaded(int64)       {}
+func (noMetrics) Served(int64)         {}
+
+// countingWriter counts body bytes, keeping the sendfile path (ReadFrom).
+type countingWriter struct {
+	http.ResponseWriter
+	n int64
+}
+
+func (c *countingWriter) Write(p []byte) (int, error) {
+	n, err := c.ResponseWriter.Write(p)
+	c.n += int64(n)
+	return n, err
+}
+
+func (c *countingWriter) ReadFrom(r io.Reader) (int64, error) {
+	if rf, ok := c.ResponseWriter.(io.ReaderFrom); ok {
+		n, err := rf.ReadFrom(r)
+		c.n += n
+		return n, err
+	}
+	n, err := io.Copy(struct{ io.Writer }{c.ResponseWriter}, r)
+	c.n += n
+	return n, err
 }
 
 // Handler serves the binary cache under /cache/ and accepts pushes.
@@ -102,6 +140,9 @@ func NewHandler(cfg Config) *Handler {
 	}
 	if cfg.Priority == 0 {
 		cfg.Priority = 30
+	}
+	if cfg.Metrics == nil {
+		cfg.Metrics = noMetrics{}
 	}
 	info := fmt.Sprintf("StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n", raftfsm.StoreDir, cfg.Priority)
 	return &Handler{cfg: cfg, cacheInfo: []byte(info), encoded: map[*pb.NarInfo][]byte{}}
@@ -212,6 +253,7 @@ func (h *Handler) serveBytes(w http.ResponseWriter, r *http.Request, ctype, cc, 
 
 func (h *Handler) serveNarInfo(w http.ResponseWriter, r *http.Request, hashPart string) {
 	rec, err := h.cfg.Index().NarInfo(hashPart)
+	h.cfg.Metrics.Request("narinfo", err == nil)
 	if err != nil {
 		h.fail(w, r, err)
 		return
@@ -221,6 +263,7 @@ func (h *Handler) serveNarInfo(w http.ResponseWriter, r *http.Request, hashPart 
 
 func (h *Handler) serveNar(w http.ResponseWriter, r *http.Request, blob string) {
 	f, _, err := h.cfg.Blobs.Open(blob)
+	h.cfg.Metrics.Request("nar", err == nil)
 	if err != nil {
 		h.fail(w, r, err)
 		return
@@ -232,11 +275,14 @@ func (h *Handler) serveNar(w http.ResponseWriter, r *http.Request, blob string) 
 	hd["Etag"] = []string{`"` + blob + `"`}
 	// ServeContent answers Range, If-Range and If-None-Match, and sends
 	// the file with sendfile.
-	http.ServeContent(w, r, "", time.Time{}, f)
+	cw := &countingWriter{ResponseWriter: w}
+	http.ServeContent(cw, r, "", time.Time{}, f)
+	h.cfg.Metrics.Served(cw.n)
 }
 
 func (h *Handler) serveLog(w http.ResponseWriter, r *http.Request, drv string) {
 	rec, err := h.cfg.Index().Log(drv)
+	h.cfg.Metrics.Request("log", err == nil)
 	if err != nil {
 		h.fail(w, r, err)
 		return
@@ -338,7 +384,11 @@ func (h *Handler) IngestNarInfo(ctx context.Context, rec *pb.NarInfo, leaseID ui
 	if err := h.cfg.Signer.SignRecord(rec); err != nil {
 		return err
 	}
-	return h.cfg.Publisher.PublishNar(ctx, rec, leaseID)
+	if err := h.cfg.Publisher.PublishNar(ctx, rec, leaseID); err != nil {
+		return err
+	}
+	h.cfg.Metrics.Uploaded(int64(rec.FileSize))
+	return nil
 }
 
 // Blobs is the store uploads go to.

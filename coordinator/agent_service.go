@@ -258,6 +258,8 @@ func (c *Coordinator) grant(ctx context.Context, a *pb.Agent, steps []*pb.Step) 
 		for _, o := range st.Outputs {
 			l.Outputs = append(l.Outputs, &kilnv1.Output{Name: o.Name, Path: o.Path})
 		}
+		c.metrics.leasesGranted.Inc()
+		c.metrics.submitToLease.Observe(max(0, float64(time.Now().Unix()-st.CreatedAt)))
 		c.log.Info("lease granted", "lease", r.ID, "step", st.DrvPath, "agent", a.Id, "attempt", l.Attempt)
 		out = append(out, l)
 	}
@@ -481,6 +483,7 @@ func (s agentService) Complete(ctx context.Context, req *connect.Request[kilnv1.
 		delete(live.logs, m.LeaseId)
 		live.mu.Unlock()
 	}
+	c.metrics.stepDuration.Observe(max(0, float64(time.Now().Unix()-l.GrantedAt)))
 	c.log.Info("lease completed", "lease", m.LeaseId, "step", l.DrvPath, "agent", a.Id, "outcome", outcome.String())
 	return connect.NewResponse(&kilnv1.CompleteResponse{}), nil
 }
@@ -543,6 +546,7 @@ func (c *Coordinator) runLeaseExpiryLoop(ctx context.Context, live *liveness) {
 				continue
 			}
 			l := byID[ids[i]]
+			c.metrics.leasesExpired.Inc()
 			c.log.Warn("lease expired", "lease", ids[i], "step", l.DrvPath, "agent", l.AgentId, "reason", "no heartbeat")
 			if ll != nil && ll.buf.Len() > 0 {
 				// The attempt's log so far is kept, marked incomplete.

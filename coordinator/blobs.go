@@ -98,6 +98,7 @@ func (c *Coordinator) openCache(ctx context.Context) error {
 		Authorize:  c.pushAuth,
 		MaxNarSize: c.cfg.MaxNarSize,
 		Log:        c.log,
+		Metrics:    c.metrics,
 	})
 	return nil
 }

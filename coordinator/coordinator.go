@@ -59,6 +59,8 @@ type Coordinator struct {
 	// liveness is the leader's heartbeat memory (nil when not leading).
 	liveness atomic.Pointer[liveness]
 
+	metrics *metrics
+
 	httpLn net.Listener
 	srv    *http.Server
 
@@ -80,14 +82,16 @@ func New(cfg Config) (*Coordinator, error) {
 		return nil, err
 	}
 	log := cfg.Logger.With("node", id)
-	return &Coordinator{
+	c := &Coordinator{
 		cfg: cfg, log: log, id: id,
 		fsm:           newNotifyingFSM(raftfsm.New(log)),
 		leaderChanged: make(chan struct{}),
 		peers:         map[string]kilnv1connect.ClusterServiceClient{},
 		httpClient:    newHTTPClient(),
 		blobClient:    &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8, IdleConnTimeout: time.Minute}},
-	}, nil
+	}
+	c.metrics = newMetrics(c)
+	return c, nil
 }
 
 // ID is this node's Raft server ID.
@@ -128,6 +132,7 @@ func (c *Coordinator) Start() error {
 	}
 	c.parts, c.raft = parts, parts.raft
 	c.prop = newProposer(c.raft, c.cfg.ApplyTimeout)
+	c.prop.observe = c.metrics.commitDuration.Observe
 
 	ctx, cancel := context.WithCancel(context.Background())
 	c.cancel = cancel

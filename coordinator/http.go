@@ -53,6 +53,7 @@ func (c *Coordinator) newHTTPServer() *http.Server {
 		web.WriteJSON(w, http.StatusOK, map[string]any{"status": "ok", "node": c.id})
 	})
 	mux.HandleFunc("GET /ready", c.handleReady)
+	mux.Handle("GET /metrics", c.metrics.handler())
 	mux.Handle("/cache/", c.cacheHandler)
 	mux.HandleFunc("/internal/v1/blobs/{name}", c.handleInternalBlob)
 	mux.HandleFunc("/api/v1/cache/scrub", c.handleScrub)

@@ -21,6 +21,8 @@ type proposer struct {
 	in       chan *proposal
 	inflight chan struct{}
 	pending  chan *pendingEntry
+	// observe, when set, gets each committed entry's commit time (seconds).
+	observe func(float64)
 }
 
 type proposal struct {
@@ -36,6 +38,7 @@ type proposalResult struct {
 type pendingEntry struct {
 	f     raft.ApplyFuture
 	props []*proposal
+	start time.Time
 }
 
 const (
@@ -137,7 +140,7 @@ func (p *proposer) submit(props []*proposal) {
 		}
 		return
 	}
-	p.pending <- &pendingEntry{f: p.r.Apply(data, p.timeout), props: props}
+	p.pending <- &pendingEntry{f: p.r.Apply(data, p.timeout), props: props, start: time.Now()}
 }
 
 // waitLoop collects commit results in order and hands each caller its part.
@@ -151,6 +154,9 @@ func (p *proposer) waitLoop(ctx context.Context) {
 		}
 		err := pe.f.Error()
 		<-p.inflight
+		if err == nil && p.observe != nil {
+			p.observe(time.Since(pe.start).Seconds())
+		}
 		if err != nil {
 			err = raftError(err)
 			for _, pr := range pe.props {
