@@ -287,9 +287,14 @@ func (h *Handler) serveLog(w http.ResponseWriter, r *http.Request, drv string) {
 		h.fail(w, r, err)
 		return
 	}
+	h.ServeLogRecord(w, r, rec)
+}
+
+// ServeLogRecord writes the text of one stored log (any attempt).
+func (h *Handler) ServeLogRecord(w http.ResponseWriter, r *http.Request, rec *pb.LogRecord) {
 	f, _, err := h.cfg.Blobs.Open(rec.Blob)
 	if err != nil {
-		h.fail(w, r, fmt.Errorf("%w: log of %s is not on this node yet", raftfsm.ErrUnavailable, drv))
+		h.fail(w, r, fmt.Errorf("%w: log of %s is not on this node yet", raftfsm.ErrUnavailable, rec.DrvPath))
 		return
 	}
 	defer f.Close()

@@ -249,9 +249,13 @@ func (c *Coordinator) grant(ctx context.Context, a *pb.Agent, steps []*pb.Step) 
 			live.leases[r.ID] = time.Now()
 			live.mu.Unlock()
 		}
+		attempt := st.Attempts + 1
+		if rec, err := c.fsm.Read().Lease(r.ID); err == nil {
+			attempt = rec.Attempt
+		}
 		l := &kilnv1.Lease{
 			LeaseId: r.ID, DrvPath: st.DrvPath, System: st.System, RequiredFeatures: st.RequiredFeatures,
-			Substituters: subs, Attempt: st.Tries + 1, TtlSeconds: ttl,
+			Substituters: subs, Attempt: attempt, TtlSeconds: ttl,
 			BuildTimeoutSeconds: int64(c.cfg.BuildTimeout / time.Second), MaxSilentSeconds: int64(c.cfg.MaxSilent / time.Second),
 			MaxLogBytes: uint64(c.cfg.MaxLogBytes), MaxNarBytes: uint64(c.cfg.MaxNarSize),
 		}

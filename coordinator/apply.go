@@ -62,25 +62,53 @@ func (c *Coordinator) stamp(cmds []*pb.Command) error {
 	now := time.Now().Unix()
 	for _, cmd := range cmds {
 		cmd.Now = now
-		if cmd.Type != pb.CommandType_COMMAND_TYPE_SUBMIT_BUILD {
-			continue
+		var err error
+		switch cmd.Type {
+		case pb.CommandType_COMMAND_TYPE_SUBMIT_BUILD:
+			err = c.stampPayload(cmd, &pb.SubmitBuild{}, func(m proto.Message) error {
+				return c.stampBuild(m.(*pb.SubmitBuild))
+			})
+		case pb.CommandType_COMMAND_TYPE_CREATE_EVAL:
+			err = c.stampPayload(cmd, &pb.CreateEval{}, func(m proto.Message) error {
+				for _, sb := range m.(*pb.CreateEval).Builds {
+					if err := c.stampBuild(sb); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
 		}
-		var m pb.SubmitBuild
-		if err := proto.Unmarshal(cmd.Payload, &m); err != nil {
-			return fmt.Errorf("%w: undecodable submission: %v", raftfsm.ErrInvalid, err)
-		}
-		if m.Build == nil {
-			return fmt.Errorf("%w: missing build", raftfsm.ErrInvalid)
-		}
-		if m.Build.Id != 0 {
-			continue
-		}
-		m.Build.Id = c.nextBuildID.Add(1)
-		b, err := proto.Marshal(&m)
 		if err != nil {
 			return err
 		}
-		cmd.Payload = b
+	}
+	return nil
+}
+
+// stampPayload decodes a command's payload into m, lets fn stamp it and
+// encodes it back.
+func (c *Coordinator) stampPayload(cmd *pb.Command, m proto.Message, fn func(proto.Message) error) error {
+	if err := proto.Unmarshal(cmd.Payload, m); err != nil {
+		return fmt.Errorf("%w: undecodable %s: %v", raftfsm.ErrInvalid, cmd.Type, err)
+	}
+	if err := fn(m); err != nil {
+		return err
+	}
+	b, err := proto.Marshal(m)
+	if err != nil {
+		return err
+	}
+	cmd.Payload = b
+	return nil
+}
+
+// stampBuild gives a submission without an ID the next build ID.
+func (c *Coordinator) stampBuild(m *pb.SubmitBuild) error {
+	if m.Build == nil {
+		return fmt.Errorf("%w: missing build", raftfsm.ErrInvalid)
+	}
+	if m.Build.Id == 0 {
+		m.Build.Id = c.nextBuildID.Add(1)
 	}
 	return nil
 }

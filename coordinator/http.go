@@ -40,15 +40,17 @@ func (c *Coordinator) newHTTPServer() *http.Server {
 	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))
 
 	api := web.NewAPI(web.Config{
-		Backend: c,
-		Authorize: func(r *http.Request) error {
-			return rpc.RequireToken(c.cfg.AdminToken)(r.Context(), r.URL.Path, r.Header)
-		},
+		Backend:      c,
+		AdminAuth:    rpc.RequireTokenOrBasic(c.cfg.AdminToken),
+		SessionKey:   sessionKey(c.cfg.AdminToken),
 		MaxBodyBytes: c.cfg.MaxBodyBytes,
 		Logger:       c.log,
 	})
-	mux.Handle("/api/", api)
+	// The REST API (Hydra's paths and /api/v1) answers everything the
+	// routes below do not, unknown paths included (JSON 404).
+	mux.Handle("/", api)
 	mux.HandleFunc("GET /api/v1/cluster", c.handleCluster)
+	mux.HandleFunc("GET /internal/v1/agents/live", c.handleLiveAgents)
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) {
 		web.WriteJSON(w, http.StatusOK, map[string]any{"status": "ok", "node": c.id})
 	})

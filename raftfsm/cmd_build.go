@@ -94,29 +94,57 @@ func validNode(n *pb.DerivationNode) error {
 }
 
 func applySubmitBuild(c *applyCtx, m *pb.SubmitBuild) (uint64, error) {
+	w := newWork(c)
+	if err := w.submit(m); err != nil {
+		return 0, err
+	}
+	if err := w.flush(); err != nil {
+		return 0, err
+	}
+	return m.Build.Id, nil
+}
+
+// submit adds one stamped submission to the working set.
+func (w *work) submit(m *pb.SubmitBuild) error {
 	graph, err := ValidateSubmit(m)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	b := m.Build
 	if b.Id == 0 {
-		return 0, fmt.Errorf("%w: build id not stamped", ErrInvalid)
+		return fmt.Errorf("%w: build id not stamped", ErrInvalid)
 	}
-	if o, err := c.txn.First(tableBuilds, "id", b.Id); err != nil {
-		return 0, err
+	if _, ok := w.builds[b.Id]; ok {
+		return fmt.Errorf("%w: build %d exists", ErrConflict, b.Id)
+	}
+	if o, err := w.c.txn.First(tableBuilds, "id", b.Id); err != nil {
+		return err
 	} else if o != nil {
-		return 0, fmt.Errorf("%w: build %d exists", ErrConflict, b.Id)
+		return fmt.Errorf("%w: build %d exists", ErrConflict, b.Id)
 	}
-	w := newWork(c)
+	if len(b.NixName) == 0 {
+		b.NixName = NixName(b.DrvPath)
+	}
+	b.CreatedAt = w.c.now
+	b.StateHistory = nil
+	b.Restarts = 0
+	return w.queue(b, graph, "queued")
+}
+
+// queue (re)queues build b: it claims every unbuilt step of its closure,
+// creating unknown ones from graph and giving failed or cancelled ones a
+// fresh attempt. A build whose derivation is already built finishes at once.
+func (w *work) queue(b *pb.Build, graph map[string]*pb.DerivationNode, why string) error {
+	c := w.c
 	order, err := w.closure(b.DrvPath, graph)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	// Inputs come before dependents in order.
 	for _, drv := range order {
 		s, err := w.step(drv)
 		if err != nil {
-			return 0, err
+			return err
 		}
 		switch {
 		case s == nil:
@@ -134,7 +162,7 @@ func applySubmitBuild(c *applyCtx, m *pb.SubmitBuild) (uint64, error) {
 			for _, in := range n.InputDrvs {
 				is, err := w.mustStep(in)
 				if err != nil {
-					return 0, err
+					return err
 				}
 				// A built input never changes state again: no need to
 				// remember who waits on it.
@@ -152,18 +180,14 @@ func applySubmitBuild(c *applyCtx, m *pb.SubmitBuild) (uint64, error) {
 		s.Priority = max(s.Priority, b.Priority)
 		s.GlobalPriority = max(s.GlobalPriority, b.GlobalPriority)
 	}
-	if len(b.NixName) == 0 {
-		b.NixName = NixName(b.DrvPath)
-	}
 	root, err := w.mustStep(b.DrvPath)
 	if err != nil {
-		return 0, err
+		return err
 	}
 	b.System = root.System
 	b.State = pb.BuildState_BUILD_STATE_QUEUED
-	b.CreatedAt = c.now
 	b.BuildStatus, b.StartTime, b.StopTime, b.Outputs, b.Reason = 0, 0, 0, nil, ""
-	b.StateHistory = []*pb.StateChange{{At: c.now, State: "queued"}}
+	b.StateHistory = append(b.StateHistory, &pb.StateChange{At: c.now, State: why})
 	w.builds[b.Id] = b
 	if root.State == pb.StepState_STEP_STATE_SUCCEEDED {
 		b.Outputs = root.Outputs
@@ -171,10 +195,7 @@ func applySubmitBuild(c *applyCtx, m *pb.SubmitBuild) (uint64, error) {
 		b.StartTime, b.StopTime = c.now, c.now
 		b.StateHistory = append(b.StateHistory, &pb.StateChange{At: c.now, State: "succeeded", Reason: "already built"})
 	}
-	if err := w.flush(); err != nil {
-		return 0, err
-	}
-	return b.Id, nil
+	return nil
 }
 
 // setPending counts a (new or reset) step's unbuilt inputs and sets its state.
@@ -283,6 +304,83 @@ func applyCancelBuild(c *applyCtx, m *pb.CancelBuild) (uint64, error) {
 	}
 	if err := w.finishBuild(b, 4, reason); err != nil {
 		return 0, err
+	}
+	return b.Id, w.flush()
+}
+
+func init() {
+	register(pb.CommandType_COMMAND_TYPE_RESTART_BUILD, func() *pb.RestartBuild { return &pb.RestartBuild{} }, applyRestartBuild)
+	register(pb.CommandType_COMMAND_TYPE_SET_BUILD_PRIORITY, func() *pb.SetBuildPriority { return &pb.SetBuildPriority{} }, applySetBuildPriority)
+}
+
+// applyRestartBuild queues a finished build again: every step of its
+// closure that did not succeed gets a fresh attempt.
+func applyRestartBuild(c *applyCtx, m *pb.RestartBuild) (uint64, error) {
+	w := newWork(c)
+	b, err := w.build(m.Id)
+	if err != nil {
+		return 0, err
+	}
+	if b.State != pb.BuildState_BUILD_STATE_FINISHED {
+		return 0, fmt.Errorf("%w: build %d is not finished", ErrConflict, m.Id)
+	}
+	b.Restarts++
+	if err := w.queue(b, nil, "restarted"); err != nil {
+		return 0, err
+	}
+	return b.Id, w.flush()
+}
+
+// applySetBuildPriority changes a queued build's priority or bumps it to
+// the front. Its unfinished steps take the new order; a step other builds
+// also need keeps the highest priority among them.
+func applySetBuildPriority(c *applyCtx, m *pb.SetBuildPriority) (uint64, error) {
+	if !m.SetPriority && !m.Bump {
+		return 0, fmt.Errorf("%w: nothing to change", ErrInvalid)
+	}
+	w := newWork(c)
+	b, err := w.build(m.Id)
+	if err != nil {
+		return 0, err
+	}
+	if b.State != pb.BuildState_BUILD_STATE_QUEUED {
+		return 0, fmt.Errorf("%w: build %d is already finished", ErrConflict, m.Id)
+	}
+	if m.SetPriority {
+		b.Priority = m.Priority
+	}
+	if m.Bump {
+		// Later bumps go before earlier ones.
+		b.GlobalPriority = max(b.GlobalPriority, c.now)
+	}
+	what := fmt.Sprintf("priority %d", b.Priority)
+	if m.Bump {
+		what = "bumped to the front"
+	}
+	b.StateHistory = append(b.StateHistory, &pb.StateChange{At: c.now, State: "queued", Reason: what})
+	seen := map[string]bool{b.DrvPath: true}
+	stack := []string{b.DrvPath}
+	for len(stack) > 0 {
+		drv := stack[len(stack)-1]
+		stack = stack[:len(stack)-1]
+		s, err := w.step(drv)
+		if err != nil {
+			return 0, err
+		}
+		if s == nil || terminal(s.State) {
+			continue
+		}
+		if s.Refs <= 1 {
+			s.Priority, s.GlobalPriority = b.Priority, b.GlobalPriority
+		} else {
+			s.Priority, s.GlobalPriority = max(s.Priority, b.Priority), max(s.GlobalPriority, b.GlobalPriority)
+		}
+		for _, in := range s.InputDrvs {
+			if !seen[in] {
+				seen[in] = true
+				stack = append(stack, in)
+			}
+		}
 	}
 	return b.Id, w.flush()
 }

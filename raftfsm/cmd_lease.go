@@ -34,7 +34,8 @@ func applyGrantLease(c *applyCtx, m *pb.GrantLease) (uint64, error) {
 	s.State = pb.StepState_STEP_STATE_LEASED
 	s.LeaseId = id
 	s.StartedAt = c.now
-	l := &pb.Lease{Id: id, AgentId: m.AgentId, DrvPath: s.DrvPath, GrantedAt: c.now, ExpiresAt: c.now + m.TtlSeconds, Attempt: s.Tries + 1}
+	s.Attempts = max(s.Attempts, s.Tries) + 1
+	l := &pb.Lease{Id: id, AgentId: m.AgentId, DrvPath: s.DrvPath, GrantedAt: c.now, ExpiresAt: c.now + m.TtlSeconds, Attempt: s.Attempts}
 	if err := c.txn.Insert(tableLeases, l); err != nil {
 		return 0, err
 	}

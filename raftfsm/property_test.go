@@ -83,6 +83,9 @@ func (g *gen) command(now int64) *pb.Command {
 	if g.r.IntN(8) == 0 {
 		return g.cacheCommand(c)
 	}
+	if g.r.IntN(8) == 0 {
+		return g.evalCommand(c)
+	}
 	switch k := g.r.IntN(100); {
 	case k < 25: // submit
 		i := g.r.IntN(len(g.pool))
@@ -171,6 +174,29 @@ func (g *gen) cacheCommand(c func(pb.CommandType, proto.Message) *pb.Command) *p
 	return c(pb.CommandType_COMMAND_TYPE_COLLECT_GARBAGE, &pb.CollectGarbage{GraceSeconds: int64(g.r.IntN(4)), MaxDeletes: uint32(1 + g.r.IntN(4))})
 }
 
+// evalCommand records evaluations and runs the self-serve actions on them.
+func (g *gen) evalCommand(c func(pb.CommandType, proto.Message) *pb.Command) *pb.Command {
+	switch g.r.IntN(6) {
+	case 0, 1:
+		ev := &pb.CreateEval{Eval: &pb.Eval{Project: fmt.Sprintf("proj%d", g.r.IntN(2)), Jobset: fmt.Sprintf("js%d", g.r.IntN(2)), EvalTime: 1}}
+		for _, i := range []int{g.r.IntN(len(g.pool)), g.r.IntN(len(g.pool))} {
+			if i2 := len(ev.Builds); i2 == 1 && ev.Builds[0].Build.Job == fmt.Sprintf("job%d", i) {
+				continue
+			}
+			g.nextID++
+			ev.Builds = append(ev.Builds, &pb.SubmitBuild{Build: &pb.Build{Id: g.nextID, DrvPath: g.pool[i].DrvPath, Job: fmt.Sprintf("job%d", i)}, Graph: g.closureGraph(i)})
+		}
+		return c(pb.CommandType_COMMAND_TYPE_CREATE_EVAL, ev)
+	case 2:
+		return c(pb.CommandType_COMMAND_TYPE_CANCEL_EVAL, &pb.CancelEval{Id: 1 + g.r.Uint64N(5)})
+	case 3:
+		return c(pb.CommandType_COMMAND_TYPE_RESTART_BUILD, &pb.RestartBuild{Id: 1 + g.r.Uint64N(g.nextID+1)})
+	case 4:
+		return c(pb.CommandType_COMMAND_TYPE_SET_BUILD_PRIORITY, &pb.SetBuildPriority{Id: 1 + g.r.Uint64N(g.nextID+1), SetPriority: g.r.IntN(2) == 0, Priority: int32(g.r.IntN(5)), Bump: g.r.IntN(2) == 0})
+	}
+	return c(pb.CommandType_COMMAND_TYPE_TRIGGER_JOBSETS, &pb.TriggerJobsets{Jobsets: []string{fmt.Sprintf("proj%d:js%d", g.r.IntN(2), g.r.IntN(2))}})
+}
+
 type resultKey struct {
 	ID   uint64
 	Kind string
@@ -180,6 +206,15 @@ type resultKey struct {
 // random groupings, give the same state and results on a second FSM fed
 // one entry at a time, and on an FSM restored from a snapshot.
 func TestPropertyReplayAndSnapshot(t *testing.T) {
+	allTransitions := map[string]int{}
+	defer func() {
+		// The rarer commands, over all seeds.
+		for _, k := range []string{"COMMAND_TYPE_CREATE_EVAL", "COMMAND_TYPE_CANCEL_EVAL", "COMMAND_TYPE_RESTART_BUILD", "COMMAND_TYPE_SET_BUILD_PRIORITY", "COMMAND_TYPE_TRIGGER_JOBSETS"} {
+			if allTransitions[k] == 0 {
+				t.Errorf("no seed produced %s: %v", k, allTransitions)
+			}
+		}
+	}()
 	for seed := uint64(1); seed <= 12; seed++ {
 		t.Run(fmt.Sprint("seed", seed), func(t *testing.T) {
 			a := New(nil)
@@ -217,6 +252,9 @@ func TestPropertyReplayAndSnapshot(t *testing.T) {
 				}
 			}
 			checkInvariants(t, a)
+			for k, n := range transitions {
+				allTransitions[k] += n
+			}
 			// Meaningful mix: successes of the important commands and errors.
 			for _, k := range []string{"COMMAND_TYPE_SUBMIT_BUILD", "COMMAND_TYPE_GRANT_LEASE", "COMMAND_TYPE_COMPLETE_LEASE", "COMMAND_TYPE_PUT_NAR_INFO", "COMMAND_TYPE_COLLECT_GARBAGE", "error:invalid", "error:stale_lease"} {
 				if transitions[k] == 0 {
@@ -307,6 +345,17 @@ func checkInvariants(t *testing.T, f *FSM) {
 			}
 			if (pending == 0) != (s.State == pb.StepState_STEP_STATE_RUNNABLE) {
 				t.Errorf("step %s is %s with %d pending inputs", s.DrvPath, s.State, pending)
+			}
+		}
+	}
+	builds := map[uint64]*pb.Build{}
+	for _, b := range d.Builds {
+		builds[b.Id] = b
+	}
+	for _, e := range d.Evals {
+		for _, id := range e.Builds {
+			if b := builds[id]; b == nil || !slices.Contains(b.EvalIds, e.Id) {
+				t.Errorf("evaluation %d lists build %d, which is %v", e.Id, id, b)
 			}
 		}
 	}

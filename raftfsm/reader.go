@@ -50,6 +50,10 @@ func (r *Reader) MaxBuildID() (uint64, error) {
 type BuildFilter struct {
 	Project, Jobset, Job string
 	State                pb.BuildState // UNSPECIFIED matches both
+	System               string
+	// Status, when HasStatus, matches finished builds with this Hydra code.
+	Status    int32
+	HasStatus bool
 }
 
 // NewBuildFilter makes a filter from API parameters; state is "queued",
@@ -73,7 +77,9 @@ func (f BuildFilter) match(b *pb.Build) bool {
 	return (f.Project == "" || b.Project == f.Project) &&
 		(f.Jobset == "" || b.Jobset == f.Jobset) &&
 		(f.Job == "" || b.Job == f.Job) &&
-		(f.State == pb.BuildState_BUILD_STATE_UNSPECIFIED || b.State == f.State)
+		(f.State == pb.BuildState_BUILD_STATE_UNSPECIFIED || b.State == f.State) &&
+		(f.System == "" || b.System == f.System) &&
+		(!f.HasStatus || b.State == pb.BuildState_BUILD_STATE_FINISHED && b.BuildStatus == f.Status)
 }
 
 // Builds lists matching builds, newest first: the page [offset, offset+limit)
@@ -228,6 +234,7 @@ type Dump struct {
 	Logs     []*pb.LogRecord
 	Pins     []*pb.Pin
 	Agents   []*pb.Agent
+	Users    []*pb.User
 }
 
 // Dump copies out the whole state.
@@ -265,6 +272,9 @@ func (r *Reader) Dump() (*Dump, error) {
 		return nil, err
 	}
 	if d.Agents, err = r.Agents(); err != nil {
+		return nil, err
+	}
+	if d.Users, err = r.Users(); err != nil {
 		return nil, err
 	}
 	return d, nil
@@ -339,4 +349,34 @@ func (r *Reader) EachBlob(ws memdb.WatchSet, fn func(blob string) bool) error {
 		}
 	}
 	return nil
+}
+
+// EachBuildNewestFirst calls fn on builds from the newest until it returns false.
+func (r *Reader) EachBuildNewestFirst(fn func(*pb.Build) bool) error {
+	it, err := r.txn.GetReverse(tableBuilds, "id")
+	if err != nil {
+		return err
+	}
+	for o := it.Next(); o != nil; o = it.Next() {
+		if !fn(o.(*pb.Build)) {
+			return nil
+		}
+	}
+	return nil
+}
+
+// CacheTotals counts the cache's narinfo records and sums their NAR and
+// compressed sizes.
+func (r *Reader) CacheTotals() (n int, narBytes, fileBytes uint64, err error) {
+	it, err := r.txn.Get(tableNarInfos, "id")
+	if err != nil {
+		return 0, 0, 0, err
+	}
+	for o := it.Next(); o != nil; o = it.Next() {
+		ni := o.(*pb.NarInfo)
+		n++
+		narBytes += ni.NarSize
+		fileBytes += ni.FileSize
+	}
+	return n, narBytes, fileBytes, nil
 }

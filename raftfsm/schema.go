@@ -23,6 +23,7 @@ const (
 	tableLogs     = "logs"
 	tablePins     = "pins"
 	tableAgents   = "agents"
+	tableUsers    = "users"
 )
 
 // keyFunc builds an index key from an object; argsFunc from query arguments.
@@ -235,6 +236,11 @@ func schema() *memdb.DBSchema {
 		tableAgents: {Name: tableAgents, Indexes: map[string]*memdb.IndexSchema{
 			"id": idx("id", true, func(o any) ([]byte, bool, error) {
 				return strKey(o.(*pb.Agent).Id), true, nil
+			}, stringsArgs),
+		}},
+		tableUsers: {Name: tableUsers, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(o any) ([]byte, bool, error) {
+				return strKey(o.(*pb.User).Name), true, nil
 			}, stringsArgs),
 		}},
 		tablePins: {Name: tablePins, Indexes: map[string]*memdb.IndexSchema{

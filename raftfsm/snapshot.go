@@ -39,6 +39,7 @@ var recordTables = []struct {
 	{pb.RecordType_RECORD_TYPE_LOG, tableLogs, func() proto.Message { return &pb.LogRecord{} }},
 	{pb.RecordType_RECORD_TYPE_PIN, tablePins, func() proto.Message { return &pb.Pin{} }},
 	{pb.RecordType_RECORD_TYPE_AGENT, tableAgents, func() proto.Message { return &pb.Agent{} }},
+	{pb.RecordType_RECORD_TYPE_USER, tableUsers, func() proto.Message { return &pb.User{} }},
 }
 
 type snapshot struct {

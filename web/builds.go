@@ -2,9 +2,7 @@ package web
 
 import (
 	"fmt"
-	"net/http"
 	"net/url"
-	"slices"
 	"strconv"
 
 	"github.com/kilnci/kiln/raftfsm"
@@ -54,6 +52,8 @@ type BuildJSON struct {
 	StopTime       int64             `json:"stop_time,omitempty"`
 	Outputs        map[string]string `json:"outputs"`
 	Reason         string            `json:"reason,omitempty"`
+	EvalIDs        []uint64          `json:"evaluations"`
+	Restarts       uint32            `json:"restarts"`
 	StateHistory   []stateChangeJSON `json:"state_history"`
 }
 
@@ -64,6 +64,10 @@ func buildJSON(b *pb.Build) BuildJSON {
 		Finished: b.State == pb.BuildState_BUILD_STATE_FINISHED, Status: "queued",
 		CreatedAt: b.CreatedAt, StartTime: b.StartTime, StopTime: b.StopTime,
 		Outputs: map[string]string{}, Reason: b.Reason, StateHistory: []stateChangeJSON{},
+		EvalIDs: b.EvalIds, Restarts: b.Restarts,
+	}
+	if out.EvalIDs == nil {
+		out.EvalIDs = []uint64{}
 	}
 	if out.Finished {
 		st := b.BuildStatus
@@ -77,73 +81,6 @@ func buildJSON(b *pb.Build) BuildJSON {
 		out.StateHistory = append(out.StateHistory, stateChangeJSON{At: h.At, State: h.State, Reason: h.Reason})
 	}
 	return out
-}
-
-func (a *api) submitBuild(w http.ResponseWriter, r *http.Request) {
-	var req submitJSON
-	if err := decodeJSON(w, r, a.cfg.MaxBodyBytes, &req); err != nil {
-		WriteError(w, err)
-		return
-	}
-	m := &pb.SubmitBuild{
-		Build: &pb.Build{DrvPath: req.DrvPath, Project: req.Project, Jobset: req.Jobset, Job: req.Job, Priority: req.Priority},
-	}
-	for _, d := range req.Graph {
-		n := &pb.DerivationNode{DrvPath: d.DrvPath, InputDrvs: d.InputDrvs, System: d.System, RequiredFeatures: d.RequiredFeatures}
-		names := make([]string, 0, len(d.Outputs))
-		for name := range d.Outputs {
-			names = append(names, name)
-		}
-		slices.Sort(names)
-		for _, name := range names {
-			n.Outputs = append(n.Outputs, &pb.Output{Name: name, Path: d.Outputs[name]})
-		}
-		m.Graph = append(m.Graph, n)
-	}
-	b, err := a.cfg.Backend.SubmitBuild(r.Context(), m)
-	if err != nil {
-		WriteError(w, err)
-		return
-	}
-	w.Header().Set("Location", fmt.Sprintf("/api/v1/builds/%d", b.Id))
-	WriteJSON(w, http.StatusCreated, buildJSON(b))
-}
-
-func (a *api) getBuild(w http.ResponseWriter, r *http.Request) {
-	id, err := pathID(r)
-	if err != nil {
-		WriteError(w, err)
-		return
-	}
-	b, err := a.cfg.Backend.Read().Build(id)
-	if err != nil {
-		WriteError(w, err)
-		return
-	}
-	WriteJSON(w, http.StatusOK, buildJSON(b))
-}
-
-func (a *api) cancelBuild(w http.ResponseWriter, r *http.Request) {
-	id, err := pathID(r)
-	if err != nil {
-		WriteError(w, err)
-		return
-	}
-	var req struct {
-		Reason string `json:"reason"`
-	}
-	if r.ContentLength != 0 {
-		if err := decodeJSON(w, r, a.cfg.MaxBodyBytes, &req); err != nil {
-			WriteError(w, err)
-			return
-		}
-	}
-	b, err := a.cfg.Backend.CancelBuild(r.Context(), id, req.Reason)
-	if err != nil {
-		WriteError(w, err)
-		return
-	}
-	WriteJSON(w, http.StatusAccepted, buildJSON(b))
 }
 
 // Meta describes a page of a paginated list.
@@ -164,7 +101,7 @@ const maxPerPage = 1000
 func pagination(q url.Values) (page, perPage int, err error) {
 	page, perPage = 1, 50
 	if s := q.Get("page"); s != "" {
-		if page, err = strconv.Atoi(s); err != nil || page < 1 {
+		if page, err = strconv.Atoi(s); err != nil || page < 1 || page > 1<<20 {
 			return 0, 0, fmt.Errorf("%w: page must be a positive integer", raftfsm.ErrInvalid)
 		}
 	}
@@ -196,34 +133,3 @@ func meta(u *url.URL, page, perPage, total int) Meta {
 	return m
 }
 
-var buildListParams = []string{"project", "jobset", "job", "state", "page", "per_page"}
-
-func (a *api) listBuilds(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	for k := range q {
-		if !slices.Contains(buildListParams, k) {
-			WriteError(w, fmt.Errorf("%w: unknown filter %q (valid: %v)", raftfsm.ErrInvalid, k, buildListParams))
-			return
-		}
-	}
-	f, err := raftfsm.NewBuildFilter(q.Get("project"), q.Get("jobset"), q.Get("job"), q.Get("state"))
-	if err != nil {
-		WriteError(w, err)
-		return
-	}
-	page, perPage, err := pagination(q)
-	if err != nil {
-		WriteError(w, err)
-		return
-	}
-	builds, total, err := a.cfg.Backend.Read().Builds(f, (page-1)*perPage, perPage)
-	if err != nil {
-		WriteError(w, err)
-		return
-	}
-	items := make([]BuildJSON, len(builds))
-	for i, b := range builds {
-		items[i] = buildJSON(b)
-	}
-	WriteJSON(w, http.StatusOK, map[string]any{"items": items, "meta": meta(r.URL, page, perPage, total)})
-}

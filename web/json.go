@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"maps"
+	"slices"
 	"net/http"
 
 	"github.com/kilnci/kiln/raftfsm"
@@ -18,6 +20,10 @@ func WriteJSON(w http.ResponseWriter, status int, v any) {
 	_ = enc.Encode(v)
 }
 
+func sortedMapKeys[V any](m map[string]V) []string {
+	return slices.Sorted(maps.Keys(m))
+}
+
 // WriteError writes {"error": "..."} with the status the error maps to.
 func WriteError(w http.ResponseWriter, err error) {
 	status, _ := raftfsm.StatusOf(err)
@@ -25,16 +31,31 @@ func WriteError(w http.ResponseWriter, err error) {
 	if status == http.StatusInternalServerError {
 		msg = "internal error"
 	}
-	WriteJSON(w, status, map[string]string{"error": msg})
+	WriteJSON(w, status, errorBody{msg})
 }
 
 // decodeJSON reads one JSON value of at most limit bytes into v. Unknown
 // fields, trailing data, malformed JSON and oversize bodies are errors
 // wrapping ErrInvalid or ErrTooLarge.
 func decodeJSON(w http.ResponseWriter, r *http.Request, limit int64, v any) error {
+	return decodeBody(w, r, limit, v, true)
+}
+
+// decodeJSONLenient is decodeJSON that ignores unknown fields, for the
+// bodies Hydra's clients send (they carry fields Kiln has no use for).
+func decodeJSONLenient(w http.ResponseWriter, r *http.Request, limit int64, v any) error {
+	return decodeBody(w, r, limit, v, false)
+}
+
+func decodeBody(w http.ResponseWriter, r *http.Request, limit int64, v any, strict bool) error {
+	if r.ContentLength > limit {
+		return fmt.Errorf("%w: request body of %d bytes, limit %d", raftfsm.ErrTooLarge, r.ContentLength, limit)
+	}
 	body := http.MaxBytesReader(w, r.Body, limit)
 	dec := json.NewDecoder(body)
-	dec.DisallowUnknownFields()
+	if strict {
+		dec.DisallowUnknownFields()
+	}
 	if err := dec.Decode(v); err != nil {
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {

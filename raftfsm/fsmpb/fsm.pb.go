@@ -137,26 +137,33 @@ func (StepState) EnumDescriptor() ([]byte, []int) {
 type CommandType int32
 
 const (
-	CommandType_COMMAND_TYPE_UNSPECIFIED     CommandType = 0
-	CommandType_COMMAND_TYPE_NOOP            CommandType = 1
-	CommandType_COMMAND_TYPE_SUBMIT_BUILD    CommandType = 2
-	CommandType_COMMAND_TYPE_CANCEL_BUILD    CommandType = 3
-	CommandType_COMMAND_TYPE_PUT_PROJECT     CommandType = 4
-	CommandType_COMMAND_TYPE_DELETE_PROJECT  CommandType = 5
-	CommandType_COMMAND_TYPE_PUT_JOBSET      CommandType = 6
-	CommandType_COMMAND_TYPE_DELETE_JOBSET   CommandType = 7
-	CommandType_COMMAND_TYPE_PUT_NODE        CommandType = 8
-	CommandType_COMMAND_TYPE_DELETE_NODE     CommandType = 9
-	CommandType_COMMAND_TYPE_GRANT_LEASE     CommandType = 10
-	CommandType_COMMAND_TYPE_COMPLETE_LEASE  CommandType = 11
-	CommandType_COMMAND_TYPE_EXPIRE_LEASE    CommandType = 12
-	CommandType_COMMAND_TYPE_PUT_NAR_INFO    CommandType = 13
-	CommandType_COMMAND_TYPE_PUT_LOG         CommandType = 14
-	CommandType_COMMAND_TYPE_PIN_PATH        CommandType = 15
-	CommandType_COMMAND_TYPE_UNPIN_PATH      CommandType = 16
-	CommandType_COMMAND_TYPE_COLLECT_GARBAGE CommandType = 17
-	CommandType_COMMAND_TYPE_REGISTER_AGENT  CommandType = 18
-	CommandType_COMMAND_TYPE_DELETE_AGENT    CommandType = 19
+	CommandType_COMMAND_TYPE_UNSPECIFIED        CommandType = 0
+	CommandType_COMMAND_TYPE_NOOP               CommandType = 1
+	CommandType_COMMAND_TYPE_SUBMIT_BUILD       CommandType = 2
+	CommandType_COMMAND_TYPE_CANCEL_BUILD       CommandType = 3
+	CommandType_COMMAND_TYPE_PUT_PROJECT        CommandType = 4
+	CommandType_COMMAND_TYPE_DELETE_PROJECT     CommandType = 5
+	CommandType_COMMAND_TYPE_PUT_JOBSET         CommandType = 6
+	CommandType_COMMAND_TYPE_DELETE_JOBSET      CommandType = 7
+	CommandType_COMMAND_TYPE_PUT_NODE           CommandType = 8
+	CommandType_COMMAND_TYPE_DELETE_NODE        CommandType = 9
+	CommandType_COMMAND_TYPE_GRANT_LEASE        CommandType = 10
+	CommandType_COMMAND_TYPE_COMPLETE_LEASE     CommandType = 11
+	CommandType_COMMAND_TYPE_EXPIRE_LEASE       CommandType = 12
+	CommandType_COMMAND_TYPE_PUT_NAR_INFO       CommandType = 13
+	CommandType_COMMAND_TYPE_PUT_LOG            CommandType = 14
+	CommandType_COMMAND_TYPE_PIN_PATH           CommandType = 15
+	CommandType_COMMAND_TYPE_UNPIN_PATH         CommandType = 16
+	CommandType_COMMAND_TYPE_COLLECT_GARBAGE    CommandType = 17
+	CommandType_COMMAND_TYPE_REGISTER_AGENT     CommandType = 18
+	CommandType_COMMAND_TYPE_DELETE_AGENT       CommandType = 19
+	CommandType_COMMAND_TYPE_CREATE_EVAL        CommandType = 20
+	CommandType_COMMAND_TYPE_CANCEL_EVAL        CommandType = 21
+	CommandType_COMMAND_TYPE_RESTART_BUILD      CommandType = 22
+	CommandType_COMMAND_TYPE_SET_BUILD_PRIORITY CommandType = 23
+	CommandType_COMMAND_TYPE_TRIGGER_JOBSETS    CommandType = 24
+	CommandType_COMMAND_TYPE_PUT_USER           CommandType = 25
+	CommandType_COMMAND_TYPE_DELETE_USER        CommandType = 26
 )
 
 // Enum value maps for CommandType.
@@ -182,28 +189,42 @@ var (
 		17: "COMMAND_TYPE_COLLECT_GARBAGE",
 		18: "COMMAND_TYPE_REGISTER_AGENT",
 		19: "COMMAND_TYPE_DELETE_AGENT",
+		20: "COMMAND_TYPE_CREATE_EVAL",
+		21: "COMMAND_TYPE_CANCEL_EVAL",
+		22: "COMMAND_TYPE_RESTART_BUILD",
+		23: "COMMAND_TYPE_SET_BUILD_PRIORITY",
+		24: "COMMAND_TYPE_TRIGGER_JOBSETS",
+		25: "COMMAND_TYPE_PUT_USER",
+		26: "COMMAND_TYPE_DELETE_USER",
 	}
 	CommandType_value = map[string]int32{
-		"COMMAND_TYPE_UNSPECIFIED":     0,
-		"COMMAND_TYPE_NOOP":            1,
-		"COMMAND_TYPE_SUBMIT_BUILD":    2,
-		"COMMAND_TYPE_CANCEL_BUILD":    3,
-		"COMMAND_TYPE_PUT_PROJECT":     4,
-		"COMMAND_TYPE_DELETE_PROJECT":  5,
-		"COMMAND_TYPE_PUT_JOBSET":      6,
-		"COMMAND_TYPE_DELETE_JOBSET":   7,
-		"COMMAND_TYPE_PUT_NODE":        8,
-		"COMMAND_TYPE_DELETE_NODE":     9,
-		"COMMAND_TYPE_GRANT_LEASE":     10,
-		"COMMAND_TYPE_COMPLETE_LEASE":  11,
-		"COMMAND_TYPE_EXPIRE_LEASE":    12,
-		"COMMAND_TYPE_PUT_NAR_INFO":    13,
-		"COMMAND_TYPE_PUT_LOG":         14,
-		"COMMAND_TYPE_PIN_PATH":        15,
-		"COMMAND_TYPE_UNPIN_PATH":      16,
-		"COMMAND_TYPE_COLLECT_GARBAGE": 17,
-		"COMMAND_TYPE_REGISTER_AGENT":  18,
-		"COMMAND_TYPE_DELETE_AGENT":    19,
+		"COMMAND_TYPE_UNSPECIFIED":        0,
+		"COMMAND_TYPE_NOOP":               1,
+		"COMMAND_TYPE_SUBMIT_BUILD":       2,
+		"COMMAND_TYPE_CANCEL_BUILD":       3,
+		"COMMAND_TYPE_PUT_PROJECT":        4,
+		"COMMAND_TYPE_DELETE_PROJECT":     5,
+		"COMMAND_TYPE_PUT_JOBSET":         6,
+		"COMMAND_TYPE_DELETE_JOBSET":      7,
+		"COMMAND_TYPE_PUT_NODE":           8,
+		"COMMAND_TYPE_DELETE_NODE":        9,
+		"COMMAND_TYPE_GRANT_LEASE":        10,
+		"COMMAND_TYPE_COMPLETE_LEASE":     11,
+		"COMMAND_TYPE_EXPIRE_LEASE":       12,
+		"COMMAND_TYPE_PUT_NAR_INFO":       13,
+		"COMMAND_TYPE_PUT_LOG":            14,
+		"COMMAND_TYPE_PIN_PATH":           15,
+		"COMMAND_TYPE_UNPIN_PATH":         16,
+		"COMMAND_TYPE_COLLECT_GARBAGE":    17,
+		"COMMAND_TYPE_REGISTER_AGENT":     18,
+		"COMMAND_TYPE_DELETE_AGENT":       19,
+		"COMMAND_TYPE_CREATE_EVAL":        20,
+		"COMMAND_TYPE_CANCEL_EVAL":        21,
+		"COMMAND_TYPE_RESTART_BUILD":      22,
+		"COMMAND_TYPE_SET_BUILD_PRIORITY": 23,
+		"COMMAND_TYPE_TRIGGER_JOBSETS":    24,
+		"COMMAND_TYPE_PUT_USER":           25,
+		"COMMAND_TYPE_DELETE_USER":        26,
 	}
 )
 
@@ -304,6 +325,7 @@ const (
 	RecordType_RECORD_TYPE_LOG         RecordType = 9
 	RecordType_RECORD_TYPE_PIN         RecordType = 10
 	RecordType_RECORD_TYPE_AGENT       RecordType = 11
+	RecordType_RECORD_TYPE_USER        RecordType = 12
 )
 
 // Enum value maps for RecordType.
@@ -321,6 +343,7 @@ var (
 		9:  "RECORD_TYPE_LOG",
 		10: "RECORD_TYPE_PIN",
 		11: "RECORD_TYPE_AGENT",
+		12: "RECORD_TYPE_USER",
 	}
 	RecordType_value = map[string]int32{
 		"RECORD_TYPE_UNSPECIFIED": 0,
@@ -335,6 +358,7 @@ var (
 		"RECORD_TYPE_LOG":         9,
 		"RECORD_TYPE_PIN":         10,
 		"RECORD_TYPE_AGENT":       11,
+		"RECORD_TYPE_USER":        12,
 	}
 )
 
@@ -911,15 +935,19 @@ type Build struct {
 	GlobalPriority int64                  `protobuf:"varint,9,opt,name=global_priority,json=globalPriority,proto3" json:"global_priority,omitempty"` // bump-to-front: higher runs first
 	State          BuildState             `protobuf:"varint,10,opt,name=state,proto3,enum=kiln.fsm.v1.BuildState" json:"state,omitempty"`
 	// Hydra's buildstatus; meaningful once state is FINISHED.
-	BuildStatus   int32          `protobuf:"varint,11,opt,name=build_status,json=buildStatus,proto3" json:"build_status,omitempty"`
-	CreatedAt     int64          `protobuf:"varint,12,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"` // Hydra "timestamp"
-	StartTime     int64          `protobuf:"varint,13,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
-	StopTime      int64          `protobuf:"varint,14,opt,name=stop_time,json=stopTime,proto3" json:"stop_time,omitempty"`
-	Outputs       []*Output      `protobuf:"bytes,15,rep,name=outputs,proto3" json:"outputs,omitempty"`
-	EvalId        uint64         `protobuf:"varint,16,opt,name=eval_id,json=evalId,proto3" json:"eval_id,omitempty"`
-	Submitter     string         `protobuf:"bytes,17,opt,name=submitter,proto3" json:"submitter,omitempty"`
-	Reason        string         `protobuf:"bytes,18,opt,name=reason,proto3" json:"reason,omitempty"` // why it failed or was cancelled
-	StateHistory  []*StateChange `protobuf:"bytes,19,rep,name=state_history,json=stateHistory,proto3" json:"state_history,omitempty"`
+	BuildStatus  int32          `protobuf:"varint,11,opt,name=build_status,json=buildStatus,proto3" json:"build_status,omitempty"`
+	CreatedAt    int64          `protobuf:"varint,12,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"` // Hydra "timestamp"
+	StartTime    int64          `protobuf:"varint,13,opt,name=start_time,json=startTime,proto3" json:"start_time,omitempty"`
+	StopTime     int64          `protobuf:"varint,14,opt,name=stop_time,json=stopTime,proto3" json:"stop_time,omitempty"`
+	Outputs      []*Output      `protobuf:"bytes,15,rep,name=outputs,proto3" json:"outputs,omitempty"`
+	EvalId       uint64         `protobuf:"varint,16,opt,name=eval_id,json=evalId,proto3" json:"eval_id,omitempty"`
+	Submitter    string         `protobuf:"bytes,17,opt,name=submitter,proto3" json:"submitter,omitempty"`
+	Reason       string         `protobuf:"bytes,18,opt,name=reason,proto3" json:"reason,omitempty"` // why it failed or was cancelled
+	StateHistory []*StateChange `protobuf:"bytes,19,rep,name=state_history,json=stateHistory,proto3" json:"state_history,omitempty"`
+	// Every evaluation this build belongs to (eval_id first): a later
+	// evaluation that finds the same job and derivation reuses the build.
+	EvalIds       []uint64 `protobuf:"varint,20,rep,packed,name=eval_ids,json=evalIds,proto3" json:"eval_ids,omitempty"`
+	Restarts      uint32   `protobuf:"varint,21,opt,name=restarts,proto3" json:"restarts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1087,6 +1115,20 @@ func (x *Build) GetStateHistory() []*StateChange {
 	return nil
 }
 
+func (x *Build) GetEvalIds() []uint64 {
+	if x != nil {
+		return x.EvalIds
+	}
+	return nil
+}
+
+func (x *Build) GetRestarts() uint32 {
+	if x != nil {
+		return x.Restarts
+	}
+	return 0
+}
+
 type StateChange struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	At            int64                  `protobuf:"varint,1,opt,name=at,proto3" json:"at,omitempty"`
@@ -1229,7 +1271,10 @@ type Step struct {
 	Priority       int32 `protobuf:"varint,18,opt,name=priority,proto3" json:"priority,omitempty"`
 	GlobalPriority int64 `protobuf:"varint,19,opt,name=global_priority,json=globalPriority,proto3" json:"global_priority,omitempty"`
 	// "project:jobset" of the build that first needed it, for fair share.
-	Jobset        string `protobuf:"bytes,20,opt,name=jobset,proto3" json:"jobset,omitempty"`
+	Jobset string `protobuf:"bytes,20,opt,name=jobset,proto3" json:"jobset,omitempty"`
+	// Attempts ever leased: lease attempt numbers (and so log records)
+	// never repeat, even when a restart resets tries.
+	Attempts      uint32 `protobuf:"varint,21,opt,name=attempts,proto3" json:"attempts,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1402,6 +1447,13 @@ func (x *Step) GetJobset() string {
 		return x.Jobset
 	}
 	return ""
+}
+
+func (x *Step) GetAttempts() uint32 {
+	if x != nil {
+		return x.Attempts
+	}
+	return 0
 }
 
 type Lease struct {
@@ -1966,6 +2018,92 @@ func (x *Pin) GetCreatedAt() int64 {
 	return 0
 }
 
+// A user who can log in (POST /login). The password hash is made before
+// the command is proposed (bcrypt salts are random).
+type User struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	FullName      string                 `protobuf:"bytes,2,opt,name=full_name,json=fullName,proto3" json:"full_name,omitempty"`
+	Email         string                 `protobuf:"bytes,3,opt,name=email,proto3" json:"email,omitempty"`
+	Roles         []string               `protobuf:"bytes,4,rep,name=roles,proto3" json:"roles,omitempty"` // sorted, unique
+	PasswordHash  []byte                 `protobuf:"bytes,5,opt,name=password_hash,json=passwordHash,proto3" json:"password_hash,omitempty"`
+	CreatedAt     int64                  `protobuf:"varint,6,opt,name=created_at,json=createdAt,proto3" json:"created_at,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *User) Reset() {
+	*x = User{}
+	mi := &file_fsm_proto_msgTypes[15]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *User) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*User) ProtoMessage() {}
+
+func (x *User) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[15]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use User.ProtoReflect.Descriptor instead.
+func (*User) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{15}
+}
+
+func (x *User) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *User) GetFullName() string {
+	if x != nil {
+		return x.FullName
+	}
+	return ""
+}
+
+func (x *User) GetEmail() string {
+	if x != nil {
+		return x.Email
+	}
+	return ""
+}
+
+func (x *User) GetRoles() []string {
+	if x != nil {
+		return x.Roles
+	}
+	return nil
+}
+
+func (x *User) GetPasswordHash() []byte {
+	if x != nil {
+		return x.PasswordHash
+	}
+	return nil
+}
+
+func (x *User) GetCreatedAt() int64 {
+	if x != nil {
+		return x.CreatedAt
+	}
+	return 0
+}
+
 // The envelope of one command. A node that does not know `type` skips the
 // command when `ignorable` is set and refuses the entry otherwise.
 type Command struct {
@@ -1980,7 +2118,7 @@ type Command struct {
 
 func (x *Command) Reset() {
 	*x = Command{}
-	mi := &file_fsm_proto_msgTypes[15]
+	mi := &file_fsm_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1992,7 +2130,7 @@ func (x *Command) String() string {
 func (*Command) ProtoMessage() {}
 
 func (x *Command) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[15]
+	mi := &file_fsm_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2005,7 +2143,7 @@ func (x *Command) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Command.ProtoReflect.Descriptor instead.
 func (*Command) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{15}
+	return file_fsm_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *Command) GetType() CommandType {
@@ -2046,7 +2184,7 @@ type Entry struct {
 
 func (x *Entry) Reset() {
 	*x = Entry{}
-	mi := &file_fsm_proto_msgTypes[16]
+	mi := &file_fsm_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2058,7 +2196,7 @@ func (x *Entry) String() string {
 func (*Entry) ProtoMessage() {}
 
 func (x *Entry) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[16]
+	mi := &file_fsm_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2071,7 +2209,7 @@ func (x *Entry) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Entry.ProtoReflect.Descriptor instead.
 func (*Entry) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{16}
+	return file_fsm_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *Entry) GetCommands() []*Command {
@@ -2089,7 +2227,7 @@ type Noop struct {
 
 func (x *Noop) Reset() {
 	*x = Noop{}
-	mi := &file_fsm_proto_msgTypes[17]
+	mi := &file_fsm_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2101,7 +2239,7 @@ func (x *Noop) String() string {
 func (*Noop) ProtoMessage() {}
 
 func (x *Noop) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[17]
+	mi := &file_fsm_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2114,7 +2252,7 @@ func (x *Noop) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Noop.ProtoReflect.Descriptor instead.
 func (*Noop) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{17}
+	return file_fsm_proto_rawDescGZIP(), []int{18}
 }
 
 type DerivationNode struct {
@@ -2130,7 +2268,7 @@ type DerivationNode struct {
 
 func (x *DerivationNode) Reset() {
 	*x = DerivationNode{}
-	mi := &file_fsm_proto_msgTypes[18]
+	mi := &file_fsm_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2142,7 +2280,7 @@ func (x *DerivationNode) String() string {
 func (*DerivationNode) ProtoMessage() {}
 
 func (x *DerivationNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[18]
+	mi := &file_fsm_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2155,7 +2293,7 @@ func (x *DerivationNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DerivationNode.ProtoReflect.Descriptor instead.
 func (*DerivationNode) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{18}
+	return file_fsm_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *DerivationNode) GetDrvPath() string {
@@ -2203,7 +2341,7 @@ type SubmitBuild struct {
 
 func (x *SubmitBuild) Reset() {
 	*x = SubmitBuild{}
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2215,7 +2353,7 @@ func (x *SubmitBuild) String() string {
 func (*SubmitBuild) ProtoMessage() {}
 
 func (x *SubmitBuild) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[19]
+	mi := &file_fsm_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2228,7 +2366,7 @@ func (x *SubmitBuild) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SubmitBuild.ProtoReflect.Descriptor instead.
 func (*SubmitBuild) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{19}
+	return file_fsm_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *SubmitBuild) GetBuild() *Build {
@@ -2255,7 +2393,7 @@ type CancelBuild struct {
 
 func (x *CancelBuild) Reset() {
 	*x = CancelBuild{}
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2267,7 +2405,7 @@ func (x *CancelBuild) String() string {
 func (*CancelBuild) ProtoMessage() {}
 
 func (x *CancelBuild) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[20]
+	mi := &file_fsm_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2280,7 +2418,7 @@ func (x *CancelBuild) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CancelBuild.ProtoReflect.Descriptor instead.
 func (*CancelBuild) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{20}
+	return file_fsm_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *CancelBuild) GetId() uint64 {
@@ -2306,7 +2444,7 @@ type PutProject struct {
 
 func (x *PutProject) Reset() {
 	*x = PutProject{}
-	mi := &file_fsm_proto_msgTypes[21]
+	mi := &file_fsm_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2318,7 +2456,7 @@ func (x *PutProject) String() string {
 func (*PutProject) ProtoMessage() {}
 
 func (x *PutProject) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[21]
+	mi := &file_fsm_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2331,7 +2469,7 @@ func (x *PutProject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutProject.ProtoReflect.Descriptor instead.
 func (*PutProject) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{21}
+	return file_fsm_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *PutProject) GetProject() *Project {
@@ -2350,7 +2488,7 @@ type DeleteProject struct {
 
 func (x *DeleteProject) Reset() {
 	*x = DeleteProject{}
-	mi := &file_fsm_proto_msgTypes[22]
+	mi := &file_fsm_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2362,7 +2500,7 @@ func (x *DeleteProject) String() string {
 func (*DeleteProject) ProtoMessage() {}
 
 func (x *DeleteProject) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[22]
+	mi := &file_fsm_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2375,7 +2513,7 @@ func (x *DeleteProject) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteProject.ProtoReflect.Descriptor instead.
 func (*DeleteProject) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{22}
+	return file_fsm_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DeleteProject) GetName() string {
@@ -2394,7 +2532,7 @@ type PutJobset struct {
 
 func (x *PutJobset) Reset() {
 	*x = PutJobset{}
-	mi := &file_fsm_proto_msgTypes[23]
+	mi := &file_fsm_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2406,7 +2544,7 @@ func (x *PutJobset) String() string {
 func (*PutJobset) ProtoMessage() {}
 
 func (x *PutJobset) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[23]
+	mi := &file_fsm_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2419,7 +2557,7 @@ func (x *PutJobset) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutJobset.ProtoReflect.Descriptor instead.
 func (*PutJobset) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{23}
+	return file_fsm_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *PutJobset) GetJobset() *Jobset {
@@ -2439,7 +2577,7 @@ type DeleteJobset struct {
 
 func (x *DeleteJobset) Reset() {
 	*x = DeleteJobset{}
-	mi := &file_fsm_proto_msgTypes[24]
+	mi := &file_fsm_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2451,7 +2589,7 @@ func (x *DeleteJobset) String() string {
 func (*DeleteJobset) ProtoMessage() {}
 
 func (x *DeleteJobset) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[24]
+	mi := &file_fsm_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2464,7 +2602,7 @@ func (x *DeleteJobset) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteJobset.ProtoReflect.Descriptor instead.
 func (*DeleteJobset) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{24}
+	return file_fsm_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *DeleteJobset) GetProject() string {
@@ -2490,7 +2628,7 @@ type PutNode struct {
 
 func (x *PutNode) Reset() {
 	*x = PutNode{}
-	mi := &file_fsm_proto_msgTypes[25]
+	mi := &file_fsm_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2502,7 +2640,7 @@ func (x *PutNode) String() string {
 func (*PutNode) ProtoMessage() {}
 
 func (x *PutNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[25]
+	mi := &file_fsm_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2515,7 +2653,7 @@ func (x *PutNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutNode.ProtoReflect.Descriptor instead.
 func (*PutNode) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{25}
+	return file_fsm_proto_rawDescGZIP(), []int{26}
 }
 
 func (x *PutNode) GetNode() *Node {
@@ -2534,7 +2672,7 @@ type DeleteNode struct {
 
 func (x *DeleteNode) Reset() {
 	*x = DeleteNode{}
-	mi := &file_fsm_proto_msgTypes[26]
+	mi := &file_fsm_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2546,7 +2684,7 @@ func (x *DeleteNode) String() string {
 func (*DeleteNode) ProtoMessage() {}
 
 func (x *DeleteNode) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[26]
+	mi := &file_fsm_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2559,7 +2697,7 @@ func (x *DeleteNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteNode.ProtoReflect.Descriptor instead.
 func (*DeleteNode) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{26}
+	return file_fsm_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *DeleteNode) GetId() string {
@@ -2580,7 +2718,7 @@ type GrantLease struct {
 
 func (x *GrantLease) Reset() {
 	*x = GrantLease{}
-	mi := &file_fsm_proto_msgTypes[27]
+	mi := &file_fsm_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2592,7 +2730,7 @@ func (x *GrantLease) String() string {
 func (*GrantLease) ProtoMessage() {}
 
 func (x *GrantLease) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[27]
+	mi := &file_fsm_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2605,7 +2743,7 @@ func (x *GrantLease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GrantLease.ProtoReflect.Descriptor instead.
 func (*GrantLease) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{27}
+	return file_fsm_proto_rawDescGZIP(), []int{28}
 }
 
 func (x *GrantLease) GetAgentId() string {
@@ -2642,7 +2780,7 @@ type CompleteLease struct {
 
 func (x *CompleteLease) Reset() {
 	*x = CompleteLease{}
-	mi := &file_fsm_proto_msgTypes[28]
+	mi := &file_fsm_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2654,7 +2792,7 @@ func (x *CompleteLease) String() string {
 func (*CompleteLease) ProtoMessage() {}
 
 func (x *CompleteLease) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[28]
+	mi := &file_fsm_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2667,7 +2805,7 @@ func (x *CompleteLease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteLease.ProtoReflect.Descriptor instead.
 func (*CompleteLease) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{28}
+	return file_fsm_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *CompleteLease) GetLeaseId() uint64 {
@@ -2717,7 +2855,7 @@ type ExpireLease struct {
 
 func (x *ExpireLease) Reset() {
 	*x = ExpireLease{}
-	mi := &file_fsm_proto_msgTypes[29]
+	mi := &file_fsm_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2729,7 +2867,7 @@ func (x *ExpireLease) String() string {
 func (*ExpireLease) ProtoMessage() {}
 
 func (x *ExpireLease) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[29]
+	mi := &file_fsm_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2742,7 +2880,7 @@ func (x *ExpireLease) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ExpireLease.ProtoReflect.Descriptor instead.
 func (*ExpireLease) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{29}
+	return file_fsm_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ExpireLease) GetLeaseId() uint64 {
@@ -2787,7 +2925,7 @@ type PutNarInfo struct {
 
 func (x *PutNarInfo) Reset() {
 	*x = PutNarInfo{}
-	mi := &file_fsm_proto_msgTypes[30]
+	mi := &file_fsm_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2799,7 +2937,7 @@ func (x *PutNarInfo) String() string {
 func (*PutNarInfo) ProtoMessage() {}
 
 func (x *PutNarInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[30]
+	mi := &file_fsm_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2812,7 +2950,7 @@ func (x *PutNarInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutNarInfo.ProtoReflect.Descriptor instead.
 func (*PutNarInfo) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{30}
+	return file_fsm_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *PutNarInfo) GetNarInfo() *NarInfo {
@@ -2838,7 +2976,7 @@ type PutLog struct {
 
 func (x *PutLog) Reset() {
 	*x = PutLog{}
-	mi := &file_fsm_proto_msgTypes[31]
+	mi := &file_fsm_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2850,7 +2988,7 @@ func (x *PutLog) String() string {
 func (*PutLog) ProtoMessage() {}
 
 func (x *PutLog) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[31]
+	mi := &file_fsm_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2863,7 +3001,7 @@ func (x *PutLog) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PutLog.ProtoReflect.Descriptor instead.
 func (*PutLog) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{31}
+	return file_fsm_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *PutLog) GetLog() *LogRecord {
@@ -2882,7 +3020,7 @@ type PinPath struct {
 
 func (x *PinPath) Reset() {
 	*x = PinPath{}
-	mi := &file_fsm_proto_msgTypes[32]
+	mi := &file_fsm_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2894,7 +3032,7 @@ func (x *PinPath) String() string {
 func (*PinPath) ProtoMessage() {}
 
 func (x *PinPath) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[32]
+	mi := &file_fsm_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2907,7 +3045,7 @@ func (x *PinPath) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use PinPath.ProtoReflect.Descriptor instead.
 func (*PinPath) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{32}
+	return file_fsm_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *PinPath) GetPin() *Pin {
@@ -2926,7 +3064,7 @@ type UnpinPath struct {
 
 func (x *UnpinPath) Reset() {
 	*x = UnpinPath{}
-	mi := &file_fsm_proto_msgTypes[33]
+	mi := &file_fsm_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2938,7 +3076,7 @@ func (x *UnpinPath) String() string {
 func (*UnpinPath) ProtoMessage() {}
 
 func (x *UnpinPath) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[33]
+	mi := &file_fsm_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2951,7 +3089,7 @@ func (x *UnpinPath) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UnpinPath.ProtoReflect.Descriptor instead.
 func (*UnpinPath) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{33}
+	return file_fsm_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *UnpinPath) GetStorePath() string {
@@ -2976,7 +3114,7 @@ type CollectGarbage struct {
 
 func (x *CollectGarbage) Reset() {
 	*x = CollectGarbage{}
-	mi := &file_fsm_proto_msgTypes[34]
+	mi := &file_fsm_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2988,7 +3126,7 @@ func (x *CollectGarbage) String() string {
 func (*CollectGarbage) ProtoMessage() {}
 
 func (x *CollectGarbage) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[34]
+	mi := &file_fsm_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3001,7 +3139,7 @@ func (x *CollectGarbage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CollectGarbage.ProtoReflect.Descriptor instead.
 func (*CollectGarbage) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{34}
+	return file_fsm_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *CollectGarbage) GetGraceSeconds() int64 {
@@ -3018,6 +3156,360 @@ func (x *CollectGarbage) GetMaxDeletes() uint32 {
 	return 0
 }
 
+// An evaluation of a jobset and the builds it found. Build IDs are stamped
+// by the leader; the eval's own ID is the next free one, chosen in Apply.
+type CreateEval struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Eval          *Eval                  `protobuf:"bytes,1,opt,name=eval,proto3" json:"eval,omitempty"`
+	Builds        []*SubmitBuild         `protobuf:"bytes,2,rep,name=builds,proto3" json:"builds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CreateEval) Reset() {
+	*x = CreateEval{}
+	mi := &file_fsm_proto_msgTypes[36]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CreateEval) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CreateEval) ProtoMessage() {}
+
+func (x *CreateEval) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[36]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CreateEval.ProtoReflect.Descriptor instead.
+func (*CreateEval) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{36}
+}
+
+func (x *CreateEval) GetEval() *Eval {
+	if x != nil {
+		return x.Eval
+	}
+	return nil
+}
+
+func (x *CreateEval) GetBuilds() []*SubmitBuild {
+	if x != nil {
+		return x.Builds
+	}
+	return nil
+}
+
+type CancelEval struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	Reason        string                 `protobuf:"bytes,2,opt,name=reason,proto3" json:"reason,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CancelEval) Reset() {
+	*x = CancelEval{}
+	mi := &file_fsm_proto_msgTypes[37]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CancelEval) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CancelEval) ProtoMessage() {}
+
+func (x *CancelEval) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[37]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CancelEval.ProtoReflect.Descriptor instead.
+func (*CancelEval) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{37}
+}
+
+func (x *CancelEval) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *CancelEval) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+// Restart a finished build: a new attempt of every step of its closure
+// that did not succeed. Earlier attempts' logs are kept.
+type RestartBuild struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Id            uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RestartBuild) Reset() {
+	*x = RestartBuild{}
+	mi := &file_fsm_proto_msgTypes[38]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RestartBuild) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RestartBuild) ProtoMessage() {}
+
+func (x *RestartBuild) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[38]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RestartBuild.ProtoReflect.Descriptor instead.
+func (*RestartBuild) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{38}
+}
+
+func (x *RestartBuild) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+type SetBuildPriority struct {
+	state       protoimpl.MessageState `protogen:"open.v1"`
+	Id          uint64                 `protobuf:"varint,1,opt,name=id,proto3" json:"id,omitempty"`
+	SetPriority bool                   `protobuf:"varint,2,opt,name=set_priority,json=setPriority,proto3" json:"set_priority,omitempty"`
+	Priority    int32                  `protobuf:"varint,3,opt,name=priority,proto3" json:"priority,omitempty"`
+	// Bump to the front: global priority above every queued build's.
+	Bump          bool `protobuf:"varint,4,opt,name=bump,proto3" json:"bump,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetBuildPriority) Reset() {
+	*x = SetBuildPriority{}
+	mi := &file_fsm_proto_msgTypes[39]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetBuildPriority) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetBuildPriority) ProtoMessage() {}
+
+func (x *SetBuildPriority) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[39]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetBuildPriority.ProtoReflect.Descriptor instead.
+func (*SetBuildPriority) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{39}
+}
+
+func (x *SetBuildPriority) GetId() uint64 {
+	if x != nil {
+		return x.Id
+	}
+	return 0
+}
+
+func (x *SetBuildPriority) GetSetPriority() bool {
+	if x != nil {
+		return x.SetPriority
+	}
+	return false
+}
+
+func (x *SetBuildPriority) GetPriority() int32 {
+	if x != nil {
+		return x.Priority
+	}
+	return 0
+}
+
+func (x *SetBuildPriority) GetBump() bool {
+	if x != nil {
+		return x.Bump
+	}
+	return false
+}
+
+// /api/push: record a trigger on each "project:jobset".
+type TriggerJobsets struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Jobsets       []string               `protobuf:"bytes,1,rep,name=jobsets,proto3" json:"jobsets,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *TriggerJobsets) Reset() {
+	*x = TriggerJobsets{}
+	mi := &file_fsm_proto_msgTypes[40]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *TriggerJobsets) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*TriggerJobsets) ProtoMessage() {}
+
+func (x *TriggerJobsets) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[40]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use TriggerJobsets.ProtoReflect.Descriptor instead.
+func (*TriggerJobsets) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{40}
+}
+
+func (x *TriggerJobsets) GetJobsets() []string {
+	if x != nil {
+		return x.Jobsets
+	}
+	return nil
+}
+
+type PutUser struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	User          *User                  `protobuf:"bytes,1,opt,name=user,proto3" json:"user,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *PutUser) Reset() {
+	*x = PutUser{}
+	mi := &file_fsm_proto_msgTypes[41]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *PutUser) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*PutUser) ProtoMessage() {}
+
+func (x *PutUser) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[41]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use PutUser.ProtoReflect.Descriptor instead.
+func (*PutUser) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{41}
+}
+
+func (x *PutUser) GetUser() *User {
+	if x != nil {
+		return x.User
+	}
+	return nil
+}
+
+type DeleteUser struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DeleteUser) Reset() {
+	*x = DeleteUser{}
+	mi := &file_fsm_proto_msgTypes[42]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DeleteUser) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DeleteUser) ProtoMessage() {}
+
+func (x *DeleteUser) ProtoReflect() protoreflect.Message {
+	mi := &file_fsm_proto_msgTypes[42]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DeleteUser.ProtoReflect.Descriptor instead.
+func (*DeleteUser) Descriptor() ([]byte, []int) {
+	return file_fsm_proto_rawDescGZIP(), []int{42}
+}
+
+func (x *DeleteUser) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
 type RegisterAgent struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Agent         *Agent                 `protobuf:"bytes,1,opt,name=agent,proto3" json:"agent,omitempty"`
@@ -3027,7 +3519,7 @@ type RegisterAgent struct {
 
 func (x *RegisterAgent) Reset() {
 	*x = RegisterAgent{}
-	mi := &file_fsm_proto_msgTypes[35]
+	mi := &file_fsm_proto_msgTypes[43]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3039,7 +3531,7 @@ func (x *RegisterAgent) String() string {
 func (*RegisterAgent) ProtoMessage() {}
 
 func (x *RegisterAgent) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[35]
+	mi := &file_fsm_proto_msgTypes[43]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3052,7 +3544,7 @@ func (x *RegisterAgent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RegisterAgent.ProtoReflect.Descriptor instead.
 func (*RegisterAgent) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{35}
+	return file_fsm_proto_rawDescGZIP(), []int{43}
 }
 
 func (x *RegisterAgent) GetAgent() *Agent {
@@ -3071,7 +3563,7 @@ type DeleteAgent struct {
 
 func (x *DeleteAgent) Reset() {
 	*x = DeleteAgent{}
-	mi := &file_fsm_proto_msgTypes[36]
+	mi := &file_fsm_proto_msgTypes[44]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3083,7 +3575,7 @@ func (x *DeleteAgent) String() string {
 func (*DeleteAgent) ProtoMessage() {}
 
 func (x *DeleteAgent) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[36]
+	mi := &file_fsm_proto_msgTypes[44]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3096,7 +3588,7 @@ func (x *DeleteAgent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteAgent.ProtoReflect.Descriptor instead.
 func (*DeleteAgent) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{36}
+	return file_fsm_proto_rawDescGZIP(), []int{44}
 }
 
 func (x *DeleteAgent) GetId() string {
@@ -3119,7 +3611,7 @@ type SnapshotHeader struct {
 
 func (x *SnapshotHeader) Reset() {
 	*x = SnapshotHeader{}
-	mi := &file_fsm_proto_msgTypes[37]
+	mi := &file_fsm_proto_msgTypes[45]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -3131,7 +3623,7 @@ func (x *SnapshotHeader) String() string {
 func (*SnapshotHeader) ProtoMessage() {}
 
 func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
-	mi := &file_fsm_proto_msgTypes[37]
+	mi := &file_fsm_proto_msgTypes[45]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -3144,7 +3636,7 @@ func (x *SnapshotHeader) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotHeader.ProtoReflect.Descriptor instead.
 func (*SnapshotHeader) Descriptor() ([]byte, []int) {
-	return file_fsm_proto_rawDescGZIP(), []int{37}
+	return file_fsm_proto_rawDescGZIP(), []int{45}
 }
 
 func (x *SnapshotHeader) GetVersion() uint32 {
@@ -3244,7 +3736,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\x03uri\x18\x04 \x01(\tR\x03uri\x12\x1e\n" +
 	"\n" +
 	"dependency\x18\x05 \x01(\x04R\n" +
-	"dependency\"\xd8\x04\n" +
+	"dependency\"\x8f\x05\n" +
 	"\x05Build\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x18\n" +
 	"\aproject\x18\x02 \x01(\tR\aproject\x12\x16\n" +
@@ -3267,14 +3759,16 @@ const file_fsm_proto_rawDesc = "" +
 	"\aeval_id\x18\x10 \x01(\x04R\x06evalId\x12\x1c\n" +
 	"\tsubmitter\x18\x11 \x01(\tR\tsubmitter\x12\x16\n" +
 	"\x06reason\x18\x12 \x01(\tR\x06reason\x12=\n" +
-	"\rstate_history\x18\x13 \x03(\v2\x18.kiln.fsm.v1.StateChangeR\fstateHistory\"K\n" +
+	"\rstate_history\x18\x13 \x03(\v2\x18.kiln.fsm.v1.StateChangeR\fstateHistory\x12\x19\n" +
+	"\beval_ids\x18\x14 \x03(\x04R\aevalIds\x12\x1a\n" +
+	"\brestarts\x18\x15 \x01(\rR\brestarts\"K\n" +
 	"\vStateChange\x12\x0e\n" +
 	"\x02at\x18\x01 \x01(\x03R\x02at\x12\x14\n" +
 	"\x05state\x18\x02 \x01(\tR\x05state\x12\x16\n" +
 	"\x06reason\x18\x03 \x01(\tR\x06reason\"0\n" +
 	"\x06Output\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
-	"\x04path\x18\x02 \x01(\tR\x04path\"\x8b\x05\n" +
+	"\x04path\x18\x02 \x01(\tR\x04path\"\xa7\x05\n" +
 	"\x04Step\x12\x19\n" +
 	"\bdrv_path\x18\x01 \x01(\tR\adrvPath\x12-\n" +
 	"\aoutputs\x18\x02 \x03(\v2\x13.kiln.fsm.v1.OutputR\aoutputs\x12\x1d\n" +
@@ -3304,7 +3798,8 @@ const file_fsm_proto_rawDesc = "" +
 	"dependents\x12\x1a\n" +
 	"\bpriority\x18\x12 \x01(\x05R\bpriority\x12'\n" +
 	"\x0fglobal_priority\x18\x13 \x01(\x03R\x0eglobalPriority\x12\x16\n" +
-	"\x06jobset\x18\x14 \x01(\tR\x06jobset\"\xa5\x01\n" +
+	"\x06jobset\x18\x14 \x01(\tR\x06jobset\x12\x1a\n" +
+	"\battempts\x18\x15 \x01(\rR\battempts\"\xa5\x01\n" +
 	"\x05Lease\x12\x0e\n" +
 	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x19\n" +
 	"\bagent_id\x18\x02 \x01(\tR\aagentId\x12\x19\n" +
@@ -3366,7 +3861,15 @@ const file_fsm_proto_rawDesc = "" +
 	"store_path\x18\x01 \x01(\tR\tstorePath\x12\x16\n" +
 	"\x06reason\x18\x02 \x01(\tR\x06reason\x12\x1d\n" +
 	"\n" +
-	"created_at\x18\x03 \x01(\x03R\tcreatedAt\"\x81\x01\n" +
+	"created_at\x18\x03 \x01(\x03R\tcreatedAt\"\xa7\x01\n" +
+	"\x04User\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x1b\n" +
+	"\tfull_name\x18\x02 \x01(\tR\bfullName\x12\x14\n" +
+	"\x05email\x18\x03 \x01(\tR\x05email\x12\x14\n" +
+	"\x05roles\x18\x04 \x03(\tR\x05roles\x12#\n" +
+	"\rpassword_hash\x18\x05 \x01(\fR\fpasswordHash\x12\x1d\n" +
+	"\n" +
+	"created_at\x18\x06 \x01(\x03R\tcreatedAt\"\x81\x01\n" +
 	"\aCommand\x12,\n" +
 	"\x04type\x18\x01 \x01(\x0e2\x18.kiln.fsm.v1.CommandTypeR\x04type\x12\x1c\n" +
 	"\tignorable\x18\x02 \x01(\bR\tignorable\x12\x18\n" +
@@ -3434,7 +3937,29 @@ const file_fsm_proto_rawDesc = "" +
 	"\x0eCollectGarbage\x12#\n" +
 	"\rgrace_seconds\x18\x01 \x01(\x03R\fgraceSeconds\x12\x1f\n" +
 	"\vmax_deletes\x18\x02 \x01(\rR\n" +
-	"maxDeletes\"9\n" +
+	"maxDeletes\"e\n" +
+	"\n" +
+	"CreateEval\x12%\n" +
+	"\x04eval\x18\x01 \x01(\v2\x11.kiln.fsm.v1.EvalR\x04eval\x120\n" +
+	"\x06builds\x18\x02 \x03(\v2\x18.kiln.fsm.v1.SubmitBuildR\x06builds\"4\n" +
+	"\n" +
+	"CancelEval\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12\x16\n" +
+	"\x06reason\x18\x02 \x01(\tR\x06reason\"\x1e\n" +
+	"\fRestartBuild\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\"u\n" +
+	"\x10SetBuildPriority\x12\x0e\n" +
+	"\x02id\x18\x01 \x01(\x04R\x02id\x12!\n" +
+	"\fset_priority\x18\x02 \x01(\bR\vsetPriority\x12\x1a\n" +
+	"\bpriority\x18\x03 \x01(\x05R\bpriority\x12\x12\n" +
+	"\x04bump\x18\x04 \x01(\bR\x04bump\"*\n" +
+	"\x0eTriggerJobsets\x12\x18\n" +
+	"\ajobsets\x18\x01 \x03(\tR\ajobsets\"0\n" +
+	"\aPutUser\x12%\n" +
+	"\x04user\x18\x01 \x01(\v2\x11.kiln.fsm.v1.UserR\x04user\" \n" +
+	"\n" +
+	"DeleteUser\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"9\n" +
 	"\rRegisterAgent\x12(\n" +
 	"\x05agent\x18\x01 \x01(\v2\x12.kiln.fsm.v1.AgentR\x05agent\"\x1d\n" +
 	"\vDeleteAgent\x12\x0e\n" +
@@ -3458,7 +3983,7 @@ const file_fsm_proto_rawDesc = "" +
 	"\x11STEP_STATE_LEASED\x10\x03\x12\x18\n" +
 	"\x14STEP_STATE_SUCCEEDED\x10\x04\x12\x15\n" +
 	"\x11STEP_STATE_FAILED\x10\x05\x12\x18\n" +
-	"\x14STEP_STATE_CANCELLED\x10\x06*\xe6\x04\n" +
+	"\x14STEP_STATE_CANCELLED\x10\x06*\xc2\x06\n" +
 	"\vCommandType\x12\x1c\n" +
 	"\x18COMMAND_TYPE_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11COMMAND_TYPE_NOOP\x10\x01\x12\x1d\n" +
@@ -3480,13 +4005,20 @@ const file_fsm_proto_rawDesc = "" +
 	"\x17COMMAND_TYPE_UNPIN_PATH\x10\x10\x12 \n" +
 	"\x1cCOMMAND_TYPE_COLLECT_GARBAGE\x10\x11\x12\x1f\n" +
 	"\x1bCOMMAND_TYPE_REGISTER_AGENT\x10\x12\x12\x1d\n" +
-	"\x19COMMAND_TYPE_DELETE_AGENT\x10\x13*\x9e\x01\n" +
+	"\x19COMMAND_TYPE_DELETE_AGENT\x10\x13\x12\x1c\n" +
+	"\x18COMMAND_TYPE_CREATE_EVAL\x10\x14\x12\x1c\n" +
+	"\x18COMMAND_TYPE_CANCEL_EVAL\x10\x15\x12\x1e\n" +
+	"\x1aCOMMAND_TYPE_RESTART_BUILD\x10\x16\x12#\n" +
+	"\x1fCOMMAND_TYPE_SET_BUILD_PRIORITY\x10\x17\x12 \n" +
+	"\x1cCOMMAND_TYPE_TRIGGER_JOBSETS\x10\x18\x12\x19\n" +
+	"\x15COMMAND_TYPE_PUT_USER\x10\x19\x12\x1c\n" +
+	"\x18COMMAND_TYPE_DELETE_USER\x10\x1a*\x9e\x01\n" +
 	"\fLeaseOutcome\x12\x1d\n" +
 	"\x19LEASE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17LEASE_OUTCOME_SUCCEEDED\x10\x01\x12\x18\n" +
 	"\x14LEASE_OUTCOME_FAILED\x10\x02\x12\x1b\n" +
 	"\x17LEASE_OUTCOME_TRANSIENT\x10\x03\x12\x1b\n" +
-	"\x17LEASE_OUTCOME_TIMED_OUT\x10\x04*\xa5\x02\n" +
+	"\x17LEASE_OUTCOME_TIMED_OUT\x10\x04*\xbb\x02\n" +
 	"\n" +
 	"RecordType\x12\x1b\n" +
 	"\x17RECORD_TYPE_UNSPECIFIED\x10\x00\x12\x17\n" +
@@ -3501,7 +4033,8 @@ const file_fsm_proto_rawDesc = "" +
 	"\x0fRECORD_TYPE_LOG\x10\t\x12\x13\n" +
 	"\x0fRECORD_TYPE_PIN\x10\n" +
 	"\x12\x15\n" +
-	"\x11RECORD_TYPE_AGENT\x10\vB,Z*github.com/kilnci/kiln/raftfsm/fsmpb;fsmpbb\x06proto3"
+	"\x11RECORD_TYPE_AGENT\x10\v\x12\x14\n" +
+	"\x10RECORD_TYPE_USER\x10\fB,Z*github.com/kilnci/kiln/raftfsm/fsmpb;fsmpbb\x06proto3"
 
 var (
 	file_fsm_proto_rawDescOnce sync.Once
@@ -3516,66 +4049,74 @@ func file_fsm_proto_rawDescGZIP() []byte {
 }
 
 var file_fsm_proto_enumTypes = make([]protoimpl.EnumInfo, 5)
-var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 39)
+var file_fsm_proto_msgTypes = make([]protoimpl.MessageInfo, 47)
 var file_fsm_proto_goTypes = []any{
-	(BuildState)(0),        // 0: kiln.fsm.v1.BuildState
-	(StepState)(0),         // 1: kiln.fsm.v1.StepState
-	(CommandType)(0),       // 2: kiln.fsm.v1.CommandType
-	(LeaseOutcome)(0),      // 3: kiln.fsm.v1.LeaseOutcome
-	(RecordType)(0),        // 4: kiln.fsm.v1.RecordType
-	(*Project)(nil),        // 5: kiln.fsm.v1.Project
-	(*Jobset)(nil),         // 6: kiln.fsm.v1.Jobset
-	(*JobsetInput)(nil),    // 7: kiln.fsm.v1.JobsetInput
-	(*Eval)(nil),           // 8: kiln.fsm.v1.Eval
-	(*EvalInput)(nil),      // 9: kiln.fsm.v1.EvalInput
-	(*Build)(nil),          // 10: kiln.fsm.v1.Build
-	(*StateChange)(nil),    // 11: kiln.fsm.v1.StateChange
-	(*Output)(nil),         // 12: kiln.fsm.v1.Output
-	(*Step)(nil),           // 13: kiln.fsm.v1.Step
-	(*Lease)(nil),          // 14: kiln.fsm.v1.Lease
-	(*Node)(nil),           // 15: kiln.fsm.v1.Node
-	(*Agent)(nil),          // 16: kiln.fsm.v1.Agent
-	(*NarInfo)(nil),        // 17: kiln.fsm.v1.NarInfo
-	(*LogRecord)(nil),      // 18: kiln.fsm.v1.LogRecord
-	(*Pin)(nil),            // 19: kiln.fsm.v1.Pin
-	(*Command)(nil),        // 20: kiln.fsm.v1.Command
-	(*Entry)(nil),          // 21: kiln.fsm.v1.Entry
-	(*Noop)(nil),           // 22: kiln.fsm.v1.Noop
-	(*DerivationNode)(nil), // 23: kiln.fsm.v1.DerivationNode
-	(*SubmitBuild)(nil),    // 24: kiln.fsm.v1.SubmitBuild
-	(*CancelBuild)(nil),    // 25: kiln.fsm.v1.CancelBuild
-	(*PutProject)(nil),     // 26: kiln.fsm.v1.PutProject
-	(*DeleteProject)(nil),  // 27: kiln.fsm.v1.DeleteProject
-	(*PutJobset)(nil),      // 28: kiln.fsm.v1.PutJobset
-	(*DeleteJobset)(nil),   // 29: kiln.fsm.v1.DeleteJobset
-	(*PutNode)(nil),        // 30: kiln.fsm.v1.PutNode
-	(*DeleteNode)(nil),     // 31: kiln.fsm.v1.DeleteNode
-	(*GrantLease)(nil),     // 32: kiln.fsm.v1.GrantLease
-	(*CompleteLease)(nil),  // 33: kiln.fsm.v1.CompleteLease
-	(*ExpireLease)(nil),    // 34: kiln.fsm.v1.ExpireLease
-	(*PutNarInfo)(nil),     // 35: kiln.fsm.v1.PutNarInfo
-	(*PutLog)(nil),         // 36: kiln.fsm.v1.PutLog
-	(*PinPath)(nil),        // 37: kiln.fsm.v1.PinPath
-	(*UnpinPath)(nil),      // 38: kiln.fsm.v1.UnpinPath
-	(*CollectGarbage)(nil), // 39: kiln.fsm.v1.CollectGarbage
-	(*RegisterAgent)(nil),  // 40: kiln.fsm.v1.RegisterAgent
-	(*DeleteAgent)(nil),    // 41: kiln.fsm.v1.DeleteAgent
-	(*SnapshotHeader)(nil), // 42: kiln.fsm.v1.SnapshotHeader
-	nil,                    // 43: kiln.fsm.v1.Eval.InputsEntry
+	(BuildState)(0),          // 0: kiln.fsm.v1.BuildState
+	(StepState)(0),           // 1: kiln.fsm.v1.StepState
+	(CommandType)(0),         // 2: kiln.fsm.v1.CommandType
+	(LeaseOutcome)(0),        // 3: kiln.fsm.v1.LeaseOutcome
+	(RecordType)(0),          // 4: kiln.fsm.v1.RecordType
+	(*Project)(nil),          // 5: kiln.fsm.v1.Project
+	(*Jobset)(nil),           // 6: kiln.fsm.v1.Jobset
+	(*JobsetInput)(nil),      // 7: kiln.fsm.v1.JobsetInput
+	(*Eval)(nil),             // 8: kiln.fsm.v1.Eval
+	(*EvalInput)(nil),        // 9: kiln.fsm.v1.EvalInput
+	(*Build)(nil),            // 10: kiln.fsm.v1.Build
+	(*StateChange)(nil),      // 11: kiln.fsm.v1.StateChange
+	(*Output)(nil),           // 12: kiln.fsm.v1.Output
+	(*Step)(nil),             // 13: kiln.fsm.v1.Step
+	(*Lease)(nil),            // 14: kiln.fsm.v1.Lease
+	(*Node)(nil),             // 15: kiln.fsm.v1.Node
+	(*Agent)(nil),            // 16: kiln.fsm.v1.Agent
+	(*NarInfo)(nil),          // 17: kiln.fsm.v1.NarInfo
+	(*LogRecord)(nil),        // 18: kiln.fsm.v1.LogRecord
+	(*Pin)(nil),              // 19: kiln.fsm.v1.Pin
+	(*User)(nil),             // 20: kiln.fsm.v1.User
+	(*Command)(nil),          // 21: kiln.fsm.v1.Command
+	(*Entry)(nil),            // 22: kiln.fsm.v1.Entry
+	(*Noop)(nil),             // 23: kiln.fsm.v1.Noop
+	(*DerivationNode)(nil),   // 24: kiln.fsm.v1.DerivationNode
+	(*SubmitBuild)(nil),      // 25: kiln.fsm.v1.SubmitBuild
+	(*CancelBuild)(nil),      // 26: kiln.fsm.v1.CancelBuild
+	(*PutProject)(nil),       // 27: kiln.fsm.v1.PutProject
+	(*DeleteProject)(nil),    // 28: kiln.fsm.v1.DeleteProject
+	(*PutJobset)(nil),        // 29: kiln.fsm.v1.PutJobset
+	(*DeleteJobset)(nil),     // 30: kiln.fsm.v1.DeleteJobset
+	(*PutNode)(nil),          // 31: kiln.fsm.v1.PutNode
+	(*DeleteNode)(nil),       // 32: kiln.fsm.v1.DeleteNode
+	(*GrantLease)(nil),       // 33: kiln.fsm.v1.GrantLease
+	(*CompleteLease)(nil),    // 34: kiln.fsm.v1.CompleteLease
+	(*ExpireLease)(nil),      // 35: kiln.fsm.v1.ExpireLease
+	(*PutNarInfo)(nil),       // 36: kiln.fsm.v1.PutNarInfo
+	(*PutLog)(nil),           // 37: kiln.fsm.v1.PutLog
+	(*PinPath)(nil),          // 38: kiln.fsm.v1.PinPath
+	(*UnpinPath)(nil),        // 39: kiln.fsm.v1.UnpinPath
+	(*CollectGarbage)(nil),   // 40: kiln.fsm.v1.CollectGarbage
+	(*CreateEval)(nil),       // 41: kiln.fsm.v1.CreateEval
+	(*CancelEval)(nil),       // 42: kiln.fsm.v1.CancelEval
+	(*RestartBuild)(nil),     // 43: kiln.fsm.v1.RestartBuild
+	(*SetBuildPriority)(nil), // 44: kiln.fsm.v1.SetBuildPriority
+	(*TriggerJobsets)(nil),   // 45: kiln.fsm.v1.TriggerJobsets
+	(*PutUser)(nil),          // 46: kiln.fsm.v1.PutUser
+	(*DeleteUser)(nil),       // 47: kiln.fsm.v1.DeleteUser
+	(*RegisterAgent)(nil),    // 48: kiln.fsm.v1.RegisterAgent
+	(*DeleteAgent)(nil),      // 49: kiln.fsm.v1.DeleteAgent
+	(*SnapshotHeader)(nil),   // 50: kiln.fsm.v1.SnapshotHeader
+	nil,                      // 51: kiln.fsm.v1.Eval.InputsEntry
 }
 var file_fsm_proto_depIdxs = []int32{
 	7,  // 0: kiln.fsm.v1.Jobset.inputs:type_name -> kiln.fsm.v1.JobsetInput
-	43, // 1: kiln.fsm.v1.Eval.inputs:type_name -> kiln.fsm.v1.Eval.InputsEntry
+	51, // 1: kiln.fsm.v1.Eval.inputs:type_name -> kiln.fsm.v1.Eval.InputsEntry
 	0,  // 2: kiln.fsm.v1.Build.state:type_name -> kiln.fsm.v1.BuildState
 	12, // 3: kiln.fsm.v1.Build.outputs:type_name -> kiln.fsm.v1.Output
 	11, // 4: kiln.fsm.v1.Build.state_history:type_name -> kiln.fsm.v1.StateChange
 	12, // 5: kiln.fsm.v1.Step.outputs:type_name -> kiln.fsm.v1.Output
 	1,  // 6: kiln.fsm.v1.Step.state:type_name -> kiln.fsm.v1.StepState
 	2,  // 7: kiln.fsm.v1.Command.type:type_name -> kiln.fsm.v1.CommandType
-	20, // 8: kiln.fsm.v1.Entry.commands:type_name -> kiln.fsm.v1.Command
+	21, // 8: kiln.fsm.v1.Entry.commands:type_name -> kiln.fsm.v1.Command
 	12, // 9: kiln.fsm.v1.DerivationNode.outputs:type_name -> kiln.fsm.v1.Output
 	10, // 10: kiln.fsm.v1.SubmitBuild.build:type_name -> kiln.fsm.v1.Build
-	23, // 11: kiln.fsm.v1.SubmitBuild.graph:type_name -> kiln.fsm.v1.DerivationNode
+	24, // 11: kiln.fsm.v1.SubmitBuild.graph:type_name -> kiln.fsm.v1.DerivationNode
 	5,  // 12: kiln.fsm.v1.PutProject.project:type_name -> kiln.fsm.v1.Project
 	6,  // 13: kiln.fsm.v1.PutJobset.jobset:type_name -> kiln.fsm.v1.Jobset
 	15, // 14: kiln.fsm.v1.PutNode.node:type_name -> kiln.fsm.v1.Node
@@ -3583,13 +4124,16 @@ var file_fsm_proto_depIdxs = []int32{
 	17, // 16: kiln.fsm.v1.PutNarInfo.nar_info:type_name -> kiln.fsm.v1.NarInfo
 	18, // 17: kiln.fsm.v1.PutLog.log:type_name -> kiln.fsm.v1.LogRecord
 	19, // 18: kiln.fsm.v1.PinPath.pin:type_name -> kiln.fsm.v1.Pin
-	16, // 19: kiln.fsm.v1.RegisterAgent.agent:type_name -> kiln.fsm.v1.Agent
-	9,  // 20: kiln.fsm.v1.Eval.InputsEntry.value:type_name -> kiln.fsm.v1.EvalInput
-	21, // [21:21] is the sub-list for method output_type
-	21, // [21:21] is the sub-list for method input_type
-	21, // [21:21] is the sub-list for extension type_name
-	21, // [21:21] is the sub-list for extension extendee
-	0,  // [0:21] is the sub-list for field type_name
+	8,  // 19: kiln.fsm.v1.CreateEval.eval:type_name -> kiln.fsm.v1.Eval
+	25, // 20: kiln.fsm.v1.CreateEval.builds:type_name -> kiln.fsm.v1.SubmitBuild
+	20, // 21: kiln.fsm.v1.PutUser.user:type_name -> kiln.fsm.v1.User
+	16, // 22: kiln.fsm.v1.RegisterAgent.agent:type_name -> kiln.fsm.v1.Agent
+	9,  // 23: kiln.fsm.v1.Eval.InputsEntry.value:type_name -> kiln.fsm.v1.EvalInput
+	24, // [24:24] is the sub-list for method output_type
+	24, // [24:24] is the sub-list for method input_type
+	24, // [24:24] is the sub-list for extension type_name
+	24, // [24:24] is the sub-list for extension extendee
+	0,  // [0:24] is the sub-list for field type_name
 }
 
 func init() { file_fsm_proto_init() }
@@ -3603,7 +4147,7 @@ func file_fsm_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_fsm_proto_rawDesc), len(file_fsm_proto_rawDesc)),
 			NumEnums:      5,
-			NumMessages:   39,
+			NumMessages:   47,
 			NumExtensions: 0,
 			NumServices:   0,
 		},

@@ -1,0 +1,173 @@
+package coordinator
+
+import (
+	"context"
+	"crypto/hmac"
+	"crypto/sha256"
+	"encoding/json"
+	"fmt"
+	"net/http"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/raft"
+
+	"github.com/kilnci/kiln/raftfsm"
+	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+	"github.com/kilnci/kiln/web"
+)
+
+// This file is the coordinator's side of web.Backend: what the REST API
+// needs beyond the replicated state.
+
+// WaitApplied returns once this node has applied index, or ctx ends.
+func (c *Coordinator) WaitApplied(ctx context.Context, index uint64) error {
+	return c.fsm.waitApplied(ctx, index)
+}
+
+// ServeLog writes a stored build log from this node's blob store.
+func (c *Coordinator) ServeLog(w http.ResponseWriter, r *http.Request, rec *pb.LogRecord) {
+	c.cacheHandler.ServeLogRecord(w, r, rec)
+}
+
+// sessionKey derives the key that signs login sessions from the admin
+// token, which every coordinator shares: a session works on any node and
+// rotating the token logs everyone out.
+func sessionKey(adminToken string) []byte {
+	if adminToken == "" {
+		return nil
+	}
+	m := hmac.New(sha256.New, []byte(adminToken))
+	m.Write([]byte("kiln session key v1"))
+	return m.Sum(nil)
+}
+
+// liveAgents are the agents the leader heard from within a lease TTL.
+func (c *Coordinator) liveAgentsHere() map[string]time.Time {
+	live := c.live()
+	if live == nil {
+		return nil
+	}
+	cutoff := time.Now().Add(-c.cfg.LeaseTTL)
+	out := map[string]time.Time{}
+	live.mu.Lock()
+	defer live.mu.Unlock()
+	for id, t := range live.agents {
+		if t.After(cutoff) {
+			out[id] = t
+		}
+	}
+	return out
+}
+
+// LiveAgents answers from the leader's memory; a follower asks the leader.
+func (c *Coordinator) LiveAgents(ctx context.Context) (map[string]time.Time, bool) {
+	if c.IsLeader() {
+		if m := c.liveAgentsHere(); m != nil {
+			return m, true
+		}
+		return nil, false
+	}
+	addr, err := c.leaderHTTPAddr()
+	if err != nil {
+		return nil, false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/internal/v1/agents/live", nil)
+	if err != nil {
+		return nil, false
+	}
+	req.Header.Set("Authorization", "Bearer "+c.cfg.AdminToken)
+	resp, err := c.blobClient.Do(req)
+	if err != nil {
+		return nil, false
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, false
+	}
+	var out map[string]time.Time
+	if err := json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 4<<20)).Decode(&out); err != nil {
+		return nil, false
+	}
+	return out, true
+}
+
+// handleLiveAgents serves the leader's view of live agents to followers.
+func (c *Coordinator) handleLiveAgents(w http.ResponseWriter, r *http.Request) {
+	if err := c.clusterAuth(r); err != nil {
+		web.WriteError(w, err)
+		return
+	}
+	m := c.liveAgentsHere()
+	if m == nil || !c.IsLeader() {
+		web.WriteError(w, fmt.Errorf("%w: not the leader", raftfsm.ErrUnavailable))
+		return
+	}
+	web.WriteJSON(w, http.StatusOK, m)
+}
+
+// Cluster describes the coordinators (each asked for its applied index,
+// in parallel, briefly) and the cache.
+func (c *Coordinator) Cluster(ctx context.Context) web.ClusterStatus {
+	out := web.ClusterStatus{Node: c.id, Coordinators: []web.CoordinatorStatus{}}
+	_, leader := c.raft.LeaderWithID()
+	out.Leader = string(leader)
+	rd := c.fsm.Read()
+	if n, narBytes, fileBytes, err := rd.CacheTotals(); err == nil {
+		out.Cache = web.CacheStatus{NarInfos: n, NarBytes: narBytes, CompressedBytes: fileBytes}
+	}
+	if c.blobs != nil {
+		c.blobs.mu.RLock()
+		out.Cache.LocalBlobs = len(c.blobs.have)
+		c.blobs.mu.RUnlock()
+	}
+	fut := c.raft.GetConfiguration()
+	if fut.Error() != nil {
+		return out
+	}
+	servers := fut.Configuration().Servers
+	out.Coordinators = make([]web.CoordinatorStatus, len(servers))
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	var wg sync.WaitGroup
+	for i, s := range servers {
+		cs := &out.Coordinators[i]
+		*cs = web.CoordinatorStatus{ID: string(s.ID), RaftAddr: string(s.Address), Voter: s.Suffrage == raft.Voter, Leader: s.ID == leader}
+		if n, err := rd.Node(string(s.ID)); err == nil {
+			cs.HTTPAddr = n.HttpAddr
+		}
+		if string(s.ID) == c.id {
+			cs.RaftState, cs.AppliedIndex, cs.Reachable = c.raft.State().String(), c.fsm.AppliedIndex(), true
+			continue
+		}
+		if cs.HTTPAddr == "" {
+			continue
+		}
+		wg.Go(func() { c.askPeer(ctx, cs) })
+	}
+	wg.Wait()
+	return out
+}
+
+// askPeer fills in a peer's Raft state and applied index from its /api/v1/cluster.
+func (c *Coordinator) askPeer(ctx context.Context, cs *web.CoordinatorStatus) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+cs.HTTPAddr+"/api/v1/cluster", nil)
+	if err != nil {
+		return
+	}
+	resp, err := c.blobClient.Do(req)
+	if err != nil {
+		return
+	}
+	defer resp.Body.Close()
+	var body struct {
+		State        string `json:"state"`
+		AppliedIndex uint64 `json:"applied_index"`
+	}
+	if resp.StatusCode != http.StatusOK || json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 1<<20)).Decode(&body) != nil {
+		return
+	}
+	cs.RaftState, cs.AppliedIndex, cs.Reachable = body.State, body.AppliedIndex, true
+}
