@@ -152,6 +152,9 @@ func (s agentService) Register(ctx context.Context, req *connect.Request[kilnv1.
 	if err := c.applyOne(ctx, pb.CommandType_COMMAND_TYPE_REGISTER_AGENT, &pb.RegisterAgent{Agent: a}); err != nil {
 		return nil, rpc.Error(err)
 	}
+	if live := c.live(); live != nil {
+		live.touchAgent(a.Id)
+	}
 	c.log.Info("agent registered", "agent", a.Id, "name", a.Name, "systems", a.Systems, "features", a.SupportedFeatures)
 	return connect.NewResponse(&kilnv1.RegisterResponse{AgentId: a.Id, Credential: a.Id + "." + secret}), nil
 }
@@ -573,9 +576,7 @@ func (c *Coordinator) leaderProxy(next http.Handler) http.Handler {
 		}
 		addr, err := c.leaderHTTPAddr()
 		if err != nil {
-			w.Header().Set("Content-Type", "application/json")
-			w.WriteHeader(http.StatusServiceUnavailable)
-			fmt.Fprintf(w, `{"code":"unavailable","message":%q}`, err.Error())
+			proxyError(w, http.StatusServiceUnavailable, err.Error())
 			return
 		}
 		target := &url.URL{Scheme: "http", Host: addr}
@@ -590,11 +591,17 @@ func (c *Coordinator) leaderProxy(next http.Handler) http.Handler {
 				if r.Context().Err() == nil {
 					c.log.Warn("forwarding an agent call to the leader failed", "leader", addr, "err", err)
 				}
-				w.WriteHeader(http.StatusBadGateway)
+				proxyError(w, http.StatusBadGateway, "the leader could not be reached: "+err.Error())
 			},
 		}
 		p.ServeHTTP(w, r)
 	})
+}
+
+// proxyError answers an error both Connect clients ("code", "message")
+// and REST clients ("error") understand.
+func proxyError(w http.ResponseWriter, status int, msg string) {
+	web.WriteJSON(w, status, map[string]string{"code": "unavailable", "message": msg, "error": msg})
 }
 
 // leaderHTTPAddr is the leader's HTTP address from the replicated nodes.

@@ -25,6 +25,11 @@ func (c *Coordinator) WaitApplied(ctx context.Context, index uint64) error {
 	return c.fsm.waitApplied(ctx, index)
 }
 
+// CatchUp waits until this node has applied its known commit index.
+func (c *Coordinator) CatchUp(ctx context.Context) error {
+	return c.fsm.waitApplied(ctx, c.raft.CommitIndex())
+}
+
 // ServeLog writes a stored build log from this node's blob store.
 func (c *Coordinator) ServeLog(w http.ResponseWriter, r *http.Request, rec *pb.LogRecord) {
 	c.cacheHandler.ServeLogRecord(w, r, rec)

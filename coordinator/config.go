@@ -29,6 +29,9 @@ type Config struct {
 	AdminToken string
 	// MaxBodyBytes bounds request bodies (default 8 MiB).
 	MaxBodyBytes int64
+	// MaxReadWait bounds how long a read asking for a fresher index
+	// (X-Kiln-Min-Index) waits for this node to apply it (5 s).
+	MaxReadWait time.Duration
 
 	// Raft tuning; zero values keep hashicorp/raft's defaults.
 	HeartbeatTimeout   time.Duration
@@ -94,6 +97,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.AdminToken == "" {
 		return fmt.Errorf("coordinator: an admin token is required")
+	}
+	if c.MaxReadWait <= 0 {
+		c.MaxReadWait = 5 * time.Second
 	}
 	if c.MaxBodyBytes <= 0 {
 		c.MaxBodyBytes = 8 << 20

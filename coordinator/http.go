@@ -44,12 +44,18 @@ func (c *Coordinator) newHTTPServer() *http.Server {
 		AdminAuth:    rpc.RequireTokenOrBasic(c.cfg.AdminToken),
 		SessionKey:   sessionKey(c.cfg.AdminToken),
 		MaxBodyBytes: c.cfg.MaxBodyBytes,
+		MaxWait:      c.cfg.MaxReadWait,
 		Logger:       c.log,
+		Routes: map[string]http.Handler{
+			"GET /api/v1/cluster":            http.HandlerFunc(c.handleCluster),
+			"GET /api/v1/cache/scrub":        http.HandlerFunc(c.handleScrub),
+			"POST /api/v1/cache/scrub":       http.HandlerFunc(c.handleScrub),
+			"GET /api/v1/leases/{lease}/log": c.leaderProxy(http.HandlerFunc(c.handleLiveLog)),
+		},
 	})
 	// The REST API (Hydra's paths and /api/v1) answers everything the
 	// routes below do not, unknown paths included (JSON 404).
 	mux.Handle("/", api)
-	mux.HandleFunc("GET /api/v1/cluster", c.handleCluster)
 	mux.HandleFunc("GET /internal/v1/agents/live", c.handleLiveAgents)
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, r *http.Request) {
 		web.WriteJSON(w, http.StatusOK, map[string]any{"status": "ok", "node": c.id})
@@ -58,8 +64,6 @@ func (c *Coordinator) newHTTPServer() *http.Server {
 	mux.Handle("GET /metrics", c.metrics.handler())
 	mux.Handle("/cache/", c.cacheHandler)
 	mux.HandleFunc("/internal/v1/blobs/{name}", c.handleInternalBlob)
-	mux.HandleFunc("/api/v1/cache/scrub", c.handleScrub)
-	mux.Handle("GET /api/v1/leases/{lease}/log", c.leaderProxy(http.HandlerFunc(c.handleLiveLog)))
 
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)

@@ -9,7 +9,6 @@ import (
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
-
 )
 
 // TestMetrics: /metrics is lint-clean and reports the queue, builds, Raft

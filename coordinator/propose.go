@@ -65,13 +65,14 @@ func (p *proposer) propose(ctx context.Context, cmds []*pb.Command) (*raftfsm.En
 	select {
 	case p.in <- pr:
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		return nil, fmt.Errorf("%w: the write was not proposed in time: %w", raftfsm.ErrUnavailable, ctx.Err())
 	}
 	select {
 	case r := <-pr.done:
 		return r.res, r.err
 	case <-ctx.Done():
-		return nil, ctx.Err()
+		// It may still commit: the caller cannot know, so it is told to retry.
+		return nil, fmt.Errorf("%w: the write was not committed in time (it may still be): %w", raftfsm.ErrUnavailable, ctx.Err())
 	}
 }
 

@@ -2,6 +2,7 @@ package raftfsm
 
 import (
 	"fmt"
+	"slices"
 
 	"github.com/hashicorp/go-memdb"
 
@@ -51,9 +52,9 @@ type BuildFilter struct {
 	Project, Jobset, Job string
 	State                pb.BuildState // UNSPECIFIED matches both
 	System               string
-	// Status, when HasStatus, matches finished builds with this Hydra code.
-	Status    int32
-	HasStatus bool
+	// Statuses, when set, matches finished builds with one of these
+	// Hydra codes.
+	Statuses []int32
 }
 
 // NewBuildFilter makes a filter from API parameters; state is "queued",
@@ -79,7 +80,7 @@ func (f BuildFilter) match(b *pb.Build) bool {
 		(f.Job == "" || b.Job == f.Job) &&
 		(f.State == pb.BuildState_BUILD_STATE_UNSPECIFIED || b.State == f.State) &&
 		(f.System == "" || b.System == f.System) &&
-		(!f.HasStatus || b.State == pb.BuildState_BUILD_STATE_FINISHED && b.BuildStatus == f.Status)
+		(f.Statuses == nil || b.State == pb.BuildState_BUILD_STATE_FINISHED && slices.Contains(f.Statuses, b.BuildStatus))
 }
 
 // Builds lists matching builds, newest first: the page [offset, offset+limit)

@@ -94,7 +94,7 @@ const fairCandidates = 32
 // channels of what it read go to ws (when not nil), so a long-poll wakes
 // when fitting work may have appeared.
 func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, skip func(drv string) bool, fair *FairShare) ([]*pb.Step, error) {
-	var heads []*pb.Step // the best candidate of each fitting group, in turn
+	var heads []*pb.Step             // the best candidate of each fitting group, in turn
 	var iters []memdb.ResultIterator // *pushBack
 	for _, system := range a.Systems {
 		prefix := append([]byte{byte(pb.StepState_STEP_STATE_RUNNABLE)}, strKey(system)...)

@@ -25,6 +25,9 @@ type Backend interface {
 	AppliedIndex() uint64
 	// WaitApplied returns once this node has applied index, or ctx ends.
 	WaitApplied(ctx context.Context, index uint64) error
+	// CatchUp waits until this node has applied what it knows to be
+	// committed, or ctx ends.
+	CatchUp(ctx context.Context) error
 	// ServeLog writes a stored log's text (ErrUnavailable when its blob
 	// has not reached this node yet).
 	ServeLog(w http.ResponseWriter, r *http.Request, rec *pb.LogRecord)
@@ -49,6 +52,9 @@ type Config struct {
 	// MaxWait bounds how long a read waits for a requested index (5 s).
 	MaxWait time.Duration
 	Logger  *slog.Logger
+	// Routes adds handlers served like the API's own (pattern → handler):
+	// JSON 404/405, X-Kiln-Index, X-Kiln-Min-Index.
+	Routes map[string]http.Handler
 }
 
 type api struct {
@@ -70,6 +76,9 @@ func NewAPI(cfg Config) http.Handler {
 	a := &api{cfg: cfg, mux: http.NewServeMux()}
 	a.routesHydra()
 	a.routesNative()
+	for pattern, h := range cfg.Routes {
+		a.mux.Handle(pattern, h)
+	}
 	return a
 }
 

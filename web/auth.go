@@ -1,6 +1,7 @@
 package web
 
 import (
+	"context"
 	"crypto/hmac"
 	"crypto/sha256"
 	"encoding/base64"
@@ -128,6 +129,14 @@ func (a *api) login(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	u, err := a.cfg.Backend.Read().User(req.Username)
+	if errors.Is(err, raftfsm.ErrNotFound) {
+		// The user may have been made through another node a moment ago.
+		ctx, cancel := context.WithTimeout(r.Context(), a.cfg.MaxWait)
+		if a.cfg.Backend.CatchUp(ctx) == nil {
+			u, err = a.cfg.Backend.Read().User(req.Username)
+		}
+		cancel()
+	}
 	hash := dummyHash
 	if err == nil {
 		hash = u.PasswordHash

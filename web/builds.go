@@ -72,7 +72,7 @@ func buildJSON(b *pb.Build) BuildJSON {
 	if out.Finished {
 		st := b.BuildStatus
 		out.BuildStatus = &st
-		out.Status = raftfsm.BuildStatusName(st)
+		out.Status = statusName(st)
 	}
 	for _, o := range b.Outputs {
 		out.Outputs[o.Name] = o.Path
@@ -117,6 +117,7 @@ func meta(u *url.URL, page, perPage, total int) Meta {
 	pages := max((total+perPage-1)/perPage, 1)
 	link := func(p int) string {
 		q := u.Query()
+		q.Del("min_index")
 		q.Set("page", strconv.Itoa(p))
 		q.Set("per_page", strconv.Itoa(perPage))
 		return u.Path + "?" + q.Encode()
@@ -132,4 +133,3 @@ func meta(u *url.URL, page, perPage, total int) Meta {
 	}
 	return m
 }
-

@@ -44,6 +44,7 @@ func (a *api) routesHydra() {
 	m.HandleFunc("GET /build/{id}", a.hydraBuild)
 	m.HandleFunc("GET /build/{id}/constituents", a.hydraConstituents)
 	m.HandleFunc("GET /build/{id}/log", a.hydraBuildLog)
+	m.HandleFunc("GET /build/{id}/log/raw", a.hydraBuildLog)
 	m.HandleFunc("GET /build/{id}/nixlog/{step}", a.hydraStepLog)
 	m.HandleFunc("GET /build/{id}/nixlog/{step}/raw", a.hydraStepLog)
 	m.HandleFunc("GET /eval/{eval}", a.hydraEval)
@@ -619,7 +620,7 @@ func (a *api) hydraShield(w http.ResponseWriter, r *http.Request) {
 // system with /latest-for/{system}).
 func (a *api) hydraLatest(w http.ResponseWriter, r *http.Request) {
 	f := jobFilter(r)
-	f.State, f.Status, f.HasStatus, f.System = pb.BuildState_BUILD_STATE_FINISHED, 0, true, r.PathValue("system")
+	f.State, f.Statuses, f.System = pb.BuildState_BUILD_STATE_FINISHED, []int32{0}, r.PathValue("system")
 	bs, _, err := a.cfg.Backend.Read().Builds(f, 0, 1)
 	if err != nil {
 		WriteError(w, err)

@@ -6,8 +6,8 @@ import (
 	"fmt"
 	"io"
 	"maps"
-	"slices"
 	"net/http"
+	"slices"
 
 	"github.com/kilnci/kiln/raftfsm"
 )
@@ -23,6 +23,8 @@ func WriteJSON(w http.ResponseWriter, status int, v any) {
 func sortedMapKeys[V any](m map[string]V) []string {
 	return slices.Sorted(maps.Keys(m))
 }
+
+var errEmptyBody = errors.New("empty request body")
 
 // WriteError writes {"error": "..."} with the status the error maps to.
 func WriteError(w http.ResponseWriter, err error) {
@@ -62,7 +64,7 @@ func decodeBody(w http.ResponseWriter, r *http.Request, limit int64, v any, stri
 			return fmt.Errorf("%w: request body over %d bytes", raftfsm.ErrTooLarge, limit)
 		}
 		if errors.Is(err, io.EOF) {
-			return fmt.Errorf("%w: empty request body", raftfsm.ErrInvalid)
+			return fmt.Errorf("%w: %w", raftfsm.ErrInvalid, errEmptyBody)
 		}
 		return fmt.Errorf("%w: malformed JSON: %v", raftfsm.ErrInvalid, err)
 	}

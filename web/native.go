@@ -1,6 +1,7 @@
 package web
 
 import (
+	"errors"
 	"fmt"
 	"net/http"
 	"net/url"
@@ -360,8 +361,10 @@ type EvaluationJSON struct {
 	Inputs       map[string]EvalInputJSON `json:"inputs"`
 	Builds       []uint64                 `json:"builds"`
 	Cancelled    bool                     `json:"cancelled"`
-	Finished     bool                     `json:"finished"`
-	Counts       EvalCounts               `json:"counts"`
+	// Finished and Counts are in the answer for one evaluation, not in
+	// lists (they read every build of the evaluation).
+	Finished *bool       `json:"finished,omitempty"`
+	Counts   *EvalCounts `json:"counts,omitempty"`
 }
 
 // EvalInputJSON is the value an input had in an evaluation.
@@ -380,7 +383,7 @@ type EvalCounts struct {
 	Failed    int `json:"failed"`
 }
 
-func evalJSON(rd *raftfsm.Reader, e *pb.Eval) EvaluationJSON {
+func evalJSON(rd *raftfsm.Reader, e *pb.Eval, withCounts bool) EvaluationJSON {
 	out := EvaluationJSON{ID: e.Id, Project: e.Project, Jobset: e.Jobset, Timestamp: e.Timestamp, CheckoutTime: e.CheckoutTime,
 		EvalTime: e.EvalTime, HasNewBuilds: e.HasNewBuilds, Flake: e.Flake, Inputs: map[string]EvalInputJSON{},
 		Builds: e.Builds, Cancelled: e.Cancelled}
@@ -390,6 +393,10 @@ func evalJSON(rd *raftfsm.Reader, e *pb.Eval) EvaluationJSON {
 	for k, in := range e.Inputs {
 		out.Inputs[k] = EvalInputJSON{Type: in.Type, Value: in.Value, Revision: in.Revision, URI: in.Uri}
 	}
+	if !withCounts {
+		return out
+	}
+	out.Counts = &EvalCounts{}
 	for _, id := range e.Builds {
 		b, err := rd.Build(id)
 		if err != nil {
@@ -405,7 +412,8 @@ func evalJSON(rd *raftfsm.Reader, e *pb.Eval) EvaluationJSON {
 			out.Counts.Failed++
 		}
 	}
-	out.Finished = out.Counts.Queued == 0
+	finished := out.Counts.Queued == 0
+	out.Finished = &finished
 	return out
 }
 
@@ -432,14 +440,14 @@ func (a *api) listEvals(w http.ResponseWriter, r *http.Request) {
 	}
 	items := make([]EvaluationJSON, len(evals))
 	for i, e := range evals {
-		items[i] = evalJSON(rd, e)
+		items[i] = evalJSON(rd, e, false)
 	}
 	WriteJSON(w, http.StatusOK, map[string]any{"items": items, "meta": meta(r.URL, pg, perPage, total)})
 }
 
 func (a *api) getEval(w http.ResponseWriter, r *http.Request) {
 	if e, ok := a.evalOf(w, r); ok {
-		WriteJSON(w, http.StatusOK, evalJSON(a.cfg.Backend.Read(), e))
+		WriteJSON(w, http.StatusOK, evalJSON(a.cfg.Backend.Read(), e, true))
 	}
 }
 
@@ -470,6 +478,10 @@ func (a *api) createEval(w http.ResponseWriter, r *http.Request) {
 		CheckoutTime: in.CheckoutTime, EvalTime: in.EvalTime, Flake: in.Flake, Inputs: map[string]*pb.EvalInput{}}}
 	if len(in.Inputs) > 64 {
 		WriteError(w, fmt.Errorf("%w: %d inputs (max 64)", raftfsm.ErrInvalid, len(in.Inputs)))
+		return
+	}
+	if err := validText(in.Flake); err != nil {
+		WriteError(w, err)
 		return
 	}
 	for k, v := range in.Inputs {
@@ -503,7 +515,7 @@ func (a *api) createEval(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	w.Header().Set("Location", "/api/v1/evaluations/"+itoa(e.Id))
-	WriteJSON(w, http.StatusCreated, evalJSON(rd, e))
+	WriteJSON(w, http.StatusCreated, evalJSON(rd, e, true))
 }
 
 func (a *api) cancelEval(w http.ResponseWriter, r *http.Request) {
@@ -522,7 +534,7 @@ func (a *api) cancelEval(w http.ResponseWriter, r *http.Request) {
 		WriteError(w, err)
 		return
 	}
-	WriteJSON(w, http.StatusAccepted, evalJSON(rd, e))
+	WriteJSON(w, http.StatusAccepted, evalJSON(rd, e, true))
 }
 
 // Builds.
@@ -563,11 +575,21 @@ func (a *api) getBuild(w http.ResponseWriter, r *http.Request) {
 	}
 }
 
-// buildStatuses are the values of the status filter: "queued" or the
-// name of a Hydra buildstatus.
-var buildStatuses = map[string]int32{
-	"succeeded": 0, "failed": 1, "dependency-failed": 2, "aborted": 3, "cancelled": 4,
-	"failed-with-output": 6, "timed-out": 7, "log-limit-exceeded": 10, "output-limit-exceeded": 11,
+// buildStatuses are the values of the status filter besides "queued":
+// the names of Hydra's buildstatus codes, as BuildJSON.status gives them.
+var buildStatuses = map[string][]int32{
+	"succeeded": {0}, "failed": {1}, "dependency-failed": {2}, "aborted": {3, 9}, "cancelled": {4},
+	"failed-with-output": {6}, "timed-out": {7}, "log-limit-exceeded": {10}, "output-limit-exceeded": {11},
+}
+
+// statusName is the filter vocabulary's name of a finished build's code.
+func statusName(code int32) string {
+	for name, codes := range buildStatuses {
+		if slices.Contains(codes, code) {
+			return name
+		}
+	}
+	return "failed" // Hydra: any other code is a failure
 }
 
 func buildFilter(q url.Values) (raftfsm.BuildFilter, error) {
@@ -585,7 +607,7 @@ func buildFilter(q url.Values) (raftfsm.BuildFilter, error) {
 		return f, fmt.Errorf("%w: finished %q: valid values are true, false", raftfsm.ErrInvalid, trunc(v))
 	}
 	if v := q.Get("status"); v != "" {
-		code, ok := buildStatuses[v]
+		codes, ok := buildStatuses[v]
 		switch {
 		case v == "queued":
 			if f.State == pb.BuildState_BUILD_STATE_FINISHED {
@@ -596,7 +618,7 @@ func buildFilter(q url.Values) (raftfsm.BuildFilter, error) {
 			if f.State == pb.BuildState_BUILD_STATE_QUEUED {
 				return f, fmt.Errorf("%w: status %s contradicts finished=false", raftfsm.ErrInvalid, v)
 			}
-			f.State, f.Status, f.HasStatus = pb.BuildState_BUILD_STATE_FINISHED, code, true
+			f.State, f.Statuses = pb.BuildState_BUILD_STATE_FINISHED, codes
 		default:
 			valid := append(sortedMapKeys(buildStatuses), "queued")
 			slices.Sort(valid)
@@ -664,7 +686,10 @@ func (a *api) optionalBody(w http.ResponseWriter, r *http.Request, v any) error 
 	if r.ContentLength == 0 {
 		return nil
 	}
-	return decodeJSON(w, r, a.cfg.MaxBodyBytes, v)
+	if err := decodeJSON(w, r, a.cfg.MaxBodyBytes, v); err != nil && !errors.Is(err, errEmptyBody) {
+		return err
+	}
+	return nil
 }
 
 func (a *api) cancelBuild(w http.ResponseWriter, r *http.Request) {

@@ -69,8 +69,8 @@ type AgentStatusJSON struct {
 	Load              float64  `json:"load"`
 	Live              bool     `json:"live"`
 	LastHeartbeat     *string  `json:"last_heartbeat"`
-	// Gossip is "reachable", "unreachable" or "heartbeats-only" (no
-	// gossip pool membership: it works through heartbeats alone).
+	// Gossip is "heartbeats-only": there is no gossip pool yet, so every
+	// agent is known through its heartbeats alone.
 	Gossip string `json:"gossip"`
 }
 
@@ -93,7 +93,7 @@ func nonNil(xs []string) []string {
 func (a *api) status(w http.ResponseWriter, r *http.Request) {
 	rd := a.cfg.Backend.Read()
 	wc := a.waitingReasons(r.Context(), rd)
-	last, _ := a.cfg.Backend.LiveAgents(r.Context())
+	last := wc.last
 	out := StatusJSON{AgentsKnown: wc.known, Capabilities: []CapabilityJSON{}, Queue: []QueueJSON{}, Agents: []AgentStatusJSON{},
 		Cluster: a.cfg.Backend.Cluster(r.Context())}
 	agents, err := rd.Agents()

@@ -67,6 +67,7 @@ func (a *api) stepJSON(rd *raftfsm.Reader, s *pb.Step, wr *waitContext) StepJSON
 type waitContext struct {
 	now    time.Time
 	known  bool // false when the leader could not say which agents live
+	last   map[string]time.Time
 	agents []*pb.Agent
 	leases map[string]int // agent → active leases
 }
@@ -74,7 +75,7 @@ type waitContext struct {
 func (a *api) waitingReasons(ctx context.Context, rd *raftfsm.Reader) *waitContext {
 	wc := &waitContext{now: time.Now(), leases: map[string]int{}}
 	last, known := a.cfg.Backend.LiveAgents(ctx)
-	wc.known = known
+	wc.known, wc.last = known, last
 	agents, err := rd.Agents()
 	if err != nil {
 		return wc

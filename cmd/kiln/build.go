@@ -27,6 +27,7 @@ type buildFlags struct {
 	store       string
 	project     string
 	jobset      string
+	eval        bool
 	timeout     time.Duration
 }
 
@@ -56,6 +57,7 @@ func newBuildCmd() *cobra.Command {
 	fl.StringVar(&f.store, "store", "", "the local Nix store to evaluate in (default: the local store)")
 	fl.StringVar(&f.project, "project", "", "project to file the builds under")
 	fl.StringVar(&f.jobset, "jobset", "", "jobset to file the builds under")
+	fl.BoolVar(&f.eval, "eval", false, "record the builds as one evaluation of --project/--jobset (jobs named by -A), as an evaluator would")
 	fl.DurationVar(&f.timeout, "timeout", 2*time.Hour, "give up after this long")
 	return cmd
 }
@@ -243,10 +245,18 @@ func runBuild(ctx context.Context, f buildFlags, token string, args []string, st
 	if _, err := nixCmd(ctx, f.store, "nix", cargs...); err != nil {
 		return err
 	}
-	// 3. Submit.
+	// 3. Submit: one evaluation, or one build per derivation.
 	api := &apiClient{base: base, token: token, hc: &http.Client{Timeout: time.Minute}}
 	var builds []buildStatus
+	if f.eval {
+		if builds, err = submitEval(ctx, api, f, drvs, stderr); err != nil {
+			return err
+		}
+	}
 	for _, drv := range drvs {
+		if f.eval {
+			break
+		}
 		graph, err := graphOf(ctx, f.store, drv)
 		if err != nil {
 			return err
@@ -320,6 +330,42 @@ func runBuild(ctx context.Context, f buildFlags, token string, args []string, st
 		case <-time.After(500 * time.Millisecond):
 		}
 	}
+}
+
+// submitEval records drvs as one evaluation of the jobset. Jobs are named
+// by their -A attribute when each attribute gave one derivation, else by
+// the derivation's name.
+func submitEval(ctx context.Context, api *apiClient, f buildFlags, drvs []string, stderr io.Writer) ([]buildStatus, error) {
+	if f.project == "" || f.jobset == "" {
+		return nil, errors.New("--eval needs --project and --jobset")
+	}
+	start := time.Now()
+	var jobs []map[string]any
+	for i, drv := range drvs {
+		graph, err := graphOf(ctx, f.store, drv)
+		if err != nil {
+			return nil, err
+		}
+		job := strings.TrimSuffix(strings.TrimPrefix(drv, "/nix/store/")[33:], ".drv")
+		if len(f.attrs) == len(drvs) {
+			job = f.attrs[i]
+		}
+		jobs = append(jobs, map[string]any{"job": job, "drv_path": drv, "graph": graph})
+	}
+	var ev struct {
+		ID     uint64   `json:"id"`
+		Builds []uint64 `json:"builds"`
+	}
+	path := "/api/v1/projects/" + url.PathEscape(f.project) + "/jobsets/" + url.PathEscape(f.jobset) + "/evaluations"
+	if err := api.do(ctx, http.MethodPost, path, map[string]any{"eval_time": int64(time.Since(start).Seconds()), "jobs": jobs}, &ev); err != nil {
+		return nil, err
+	}
+	fmt.Fprintf(stderr, "evaluation %d of %s:%s: %d builds\n", ev.ID, f.project, f.jobset, len(ev.Builds))
+	out := make([]buildStatus, len(ev.Builds))
+	for i, id := range ev.Builds {
+		out[i].ID = id
+	}
+	return out, nil
 }
 
 // reportFailure prints the failing steps of a build and the tail of their logs.

@@ -64,6 +64,7 @@ func (f *coordinatorFlags) register(cmd *cobra.Command, httpDefault, raftDefault
 	fl.StringVar(&f.cfg.NodeID, "node-id", "", "Raft server ID (default: kept in the data dir, random on first start)")
 	fl.StringVar(&f.adminTokenFile, "admin-token-file", "", "file holding the bootstrap admin token")
 	fl.Int64Var(&f.cfg.MaxBodyBytes, "max-body-bytes", 8<<20, "largest request body accepted")
+	fl.DurationVar(&f.cfg.MaxReadWait, "max-read-wait", 5*time.Second, "longest a read asking for a fresher index (X-Kiln-Min-Index) waits")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
 	fl.DurationVar(&f.raftHeartbeat, "raft-heartbeat-timeout", 0, "Raft heartbeat timeout (0: raft's default)")
 	fl.DurationVar(&f.raftElection, "raft-election-timeout", 0, "Raft election timeout (0: raft's default)")

@@ -175,3 +175,24 @@ func truncate(b []byte) string {
 	}
 	return string(b)
 }
+
+// Operation names the operation req maps to, as "METHOD /path/{template}",
+// or "" when the document has none.
+func (c *Checker) Operation(req *http.Request) string {
+	route, _, err := c.router.FindRoute(req)
+	if err != nil {
+		return ""
+	}
+	return route.Method + " " + route.Path
+}
+
+// Operations lists every operation of doc as "METHOD /path/{template}".
+func Operations(doc *openapi3.T) []string {
+	var out []string
+	for path, item := range doc.Paths.Map() {
+		for method := range item.Operations() {
+			out = append(out, method+" "+path)
+		}
+	}
+	return out
+}

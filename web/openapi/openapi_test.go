@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	"github.com/getkin/kin-openapi/openapi3"
 	"github.com/getkin/kin-openapi/openapi3filter"
 	"github.com/getkin/kin-openapi/routers/gorillamux"
 )
@@ -36,6 +37,11 @@ const buildJSON = `{
 
 func jsonHeader() http.Header {
 	return http.Header{"Content-Type": []string{"application/json"}}
+}
+
+// redirectHeader is what Kiln's redirects carry: a Location and a JSON body.
+func redirectHeader(to string) http.Header {
+	return http.Header{"Content-Type": []string{"application/json"}, "Location": []string{to}}
 }
 
 func TestEmbeddedDocsLoad(t *testing.T) {
@@ -141,16 +147,56 @@ func TestCheckHydra(t *testing.T) {
 		},
 		{
 			name: "latest redirect", method: "GET", target: "/job/p/j/x/latest", status: 302,
-			header: http.Header{"Location": []string{"/build/1"}},
+			header: redirectHeader("/build/1"), body: `{"redirect":"/build/1"}`,
 		},
 		{
 			name: "latest redirect without Location", method: "GET", target: "/job/p/j/x/latest", status: 302,
-			header:  http.Header{},
+			header: jsonHeader(), body: `{"redirect":"/build/1"}`,
 			wantErr: "Location",
 		},
 		{
+			name: "latest redirect without a body", method: "GET", target: "/job/p/j/x/latest", status: 302,
+			header:  http.Header{"Location": []string{"/build/1"}},
+			wantErr: "Content-Type",
+		},
+		{
+			name: "latest redirect body without redirect", method: "GET", target: "/job/p/j/x/latest", status: 302,
+			header: redirectHeader("/build/1"), body: `{}`,
+			wantErr: "redirect",
+		},
+		{
 			name: "latest-for routes", method: "GET", target: "/job/p/j/x/latest-for/x86_64-linux", status: 302,
-			header: http.Header{"Location": []string{"/build/1"}},
+			header: redirectHeader("/build/1"), body: `{"redirect":"/build/1"}`,
+		},
+		{
+			name: "raw build log", method: "GET", target: "/build/1/log/raw", status: 200,
+			header: http.Header{"Content-Type": []string{"text/plain; charset=utf-8"}}, body: "building...\n",
+		},
+		{
+			name: "step log", method: "GET", target: "/build/1/nixlog/2", status: 200,
+			header: http.Header{"Content-Type": []string{"text/plain; charset=utf-8"}}, body: "building...\n",
+		},
+		{
+			name: "raw step log not on this node yet", method: "GET", target: "/build/1/nixlog/2/raw", status: 503,
+			header: jsonHeader(), body: `{"error":"unavailable: log of /nix/store/x.drv is not on this node yet"}`,
+		},
+		{
+			name: "project created", method: "PUT", target: "/project/p", status: 201,
+			header: redirectHeader("/project/p"), body: `{"uri":"/project/p","name":"p","redirect":"/project/p","type":"project"}`,
+		},
+		{
+			name: "project created without uri", method: "PUT", target: "/project/p", status: 201,
+			header: redirectHeader("/project/p"), body: `{"name":"p","redirect":"/project/p","type":"project"}`,
+			wantErr: "uri",
+		},
+		{
+			name: "push to an unknown jobset", method: "POST", target: "/api/push?jobsets=p:nope", status: 404,
+			header: jsonHeader(), body: `{"error":"not found: jobset p:nope"}`,
+		},
+		{
+			name: "conflict is not a Hydra status", method: "PUT", target: "/jobset/p/j", status: 409,
+			header: jsonHeader(), body: `{"error":"conflict"}`,
+			wantErr: "not declared",
 		},
 		{
 			name: "root", method: "GET", target: "/", status: 200,
@@ -287,7 +333,7 @@ func TestEveryPathRoutes(t *testing.T) {
 	}
 	fill := strings.NewReplacer(
 		"{id}", "p", "{project-id}", "p", "{jobset-id}", "j", "{job-id}", "x",
-		"{system}", "x86_64-linux", "{build-id}", "1", "{eval-id}", "2",
+		"{system}", "x86_64-linux", "{build-id}", "1", "{eval-id}", "2", "{step-nr}", "3",
 	)
 	for path, item := range doc.Paths.Map() {
 		for method := range item.Operations() {
@@ -303,6 +349,228 @@ func TestEveryPathRoutes(t *testing.T) {
 			if route.Path != path || route.Method != method {
 				t.Errorf("%s %s routed to %s %s, want %s %s", method, target, route.Method, route.Path, method, path)
 			}
+		}
+	}
+}
+
+func kilnDoc(t *testing.T) *openapi3.T {
+	t.Helper()
+	doc, err := Load(KilnYAML())
+	if err != nil {
+		t.Fatalf("Load(KilnYAML()): %v", err)
+	}
+	return doc
+}
+
+func kilnChecker(t *testing.T) *Checker {
+	t.Helper()
+	c, err := NewChecker(kilnDoc(t))
+	if err != nil {
+		t.Fatalf("NewChecker: %v", err)
+	}
+	return c
+}
+
+// TestKilnPathsUnderAPIv1 checks that Kiln's own description stays under
+// /api/v1 (the Hydra paths belong in hydra-api.yaml).
+func TestKilnPathsUnderAPIv1(t *testing.T) {
+	doc := kilnDoc(t)
+	if doc.Paths.Len() == 0 {
+		t.Fatal("kiln-api.yaml has no paths")
+	}
+	for _, path := range doc.Paths.InMatchingOrder() {
+		if !strings.HasPrefix(path, "/api/v1/") {
+			t.Errorf("path %s is not under /api/v1/", path)
+		}
+	}
+}
+
+// TestEveryKilnPathRoutes is TestEveryPathRoutes for kiln-api.yaml.
+func TestEveryKilnPathRoutes(t *testing.T) {
+	c := kilnChecker(t)
+	fill := strings.NewReplacer(
+		"{project}", "p", "{jobset}", "j", "{eval}", "2", "{id}", "1", "{name}", "alice", "{lease}", "7", "{attempt}", "1",
+		"{drv}", "ab9zv2y5gm8hr6g318p0s6kaclwj4slr-hello-2.10.drv",
+	)
+	for path, item := range kilnDoc(t).Paths.Map() {
+		for method := range item.Operations() {
+			target := fill.Replace(path)
+			if strings.Contains(target, "{") {
+				t.Fatalf("test does not know a parameter of %s", path)
+			}
+			req := httptest.NewRequest(method, target, nil)
+			if got, want := c.Operation(req), method+" "+path; got != want {
+				t.Errorf("%s %s routed to %q, want %q", method, target, got, want)
+			}
+		}
+	}
+}
+
+// TestOperationsDeclareTheirErrors checks the statuses every operation of
+// both documents must declare: 400 and 503 everywhere (min_index), 401 and
+// 403 on operations that need credentials, 400 and 413 on those that take
+// a JSON body; never a default response or a 500, and on Kiln's paths
+// X-Kiln-Index on every response.
+func TestOperationsDeclareTheirErrors(t *testing.T) {
+	for _, tc := range []struct {
+		name string
+		data []byte
+		kiln bool
+	}{{"hydra-api.yaml", HydraYAML(), false}, {"kiln-api.yaml", KilnYAML(), true}} {
+		t.Run(tc.name, func(t *testing.T) {
+			doc, err := Load(tc.data)
+			if err != nil {
+				t.Fatal(err)
+			}
+			for path, item := range doc.Paths.Map() {
+				for method, op := range item.Operations() {
+					name := method + " " + path
+					want := []string{"400", "503"}
+					if op.Security != nil && len(*op.Security) > 0 || !tc.kiln && method != "GET" && path != "/login" {
+						want = append(want, "401", "403")
+					}
+					if op.RequestBody != nil {
+						want = append(want, "413")
+					}
+					for _, code := range want {
+						if op.Responses.Value(code) == nil {
+							t.Errorf("%s does not declare %s", name, code)
+						}
+					}
+					if op.Responses.Default() != nil {
+						t.Errorf("%s has a default response", name)
+					}
+					if op.Responses.Value("500") != nil {
+						t.Errorf("%s declares 500", name)
+					}
+					if !tc.kiln {
+						continue
+					}
+					if op.Security == nil {
+						t.Errorf("%s does not say whether it needs credentials (security)", name)
+					}
+					for code, r := range op.Responses.Map() {
+						h := r.Value.Headers["X-Kiln-Index"]
+						if h == nil || !h.Value.Required {
+							t.Errorf("%s %s does not require X-Kiln-Index", name, code)
+						}
+					}
+				}
+			}
+		})
+	}
+}
+
+func kilnHeader(ct string, kv ...string) http.Header {
+	h := http.Header{"X-Kiln-Index": []string{"42"}}
+	if ct != "" {
+		h.Set("Content-Type", ct)
+	}
+	for i := 0; i+1 < len(kv); i += 2 {
+		h.Set(kv[i], kv[i+1])
+	}
+	return h
+}
+
+// kilnBuildJSON is a queued build as /api/v1/builds/{id} returns it.
+const kilnBuildJSON = `{"id":3,"project":"p","jobset":"j","job":"top","drv_path":"/nix/store/ab9zv2y5gm8hr6g318p0s6kaclwj4slr-top.drv",
+"system":"x86_64-linux","nix_name":"top","priority":0,"global_priority":0,"finished":false,"buildstatus":null,"status":"queued",
+"created_at":1700000000,"outputs":{"out":"/nix/store/y26qxcq1gg2hrqpxdc58b2fghv2bhxjg-top"},"evaluations":[1],"restarts":0,
+"state_history":[{"at":1700000000,"state":"queued"}]}`
+
+const kilnMetaJSON = `{"first":"/api/v1/builds?page=1&per_page=50","last":"/api/v1/builds?page=1&per_page=50","next":null,"previous":null,"page":1,"pages":1,"per_page":50,"total":1}`
+
+const kilnEvalJSON = `{"id":2,"project":"p","jobset":"j","timestamp":1700000000,"checkout_time":2,"eval_time":5,"has_new_builds":true,"flake":"",
+"inputs":{"src":{"type":"git","value":"https://example.com/p.git","revision":"0123abcd","uri":"https://example.com/p.git"}},"builds":[3],"cancelled":false`
+
+func TestCheckKiln(t *testing.T) {
+	c := kilnChecker(t)
+	jsonCT := "application/json"
+	for _, tc := range []struct {
+		name    string
+		method  string
+		target  string
+		status  int
+		header  http.Header
+		body    string
+		wantErr string
+	}{
+		{name: "build", method: "GET", target: "/api/v1/builds/3", status: 200, header: kilnHeader(jsonCT), body: kilnBuildJSON},
+		{name: "build without X-Kiln-Index", method: "GET", target: "/api/v1/builds/3", status: 200,
+			header: jsonHeader(), body: kilnBuildJSON, wantErr: "X-Kiln-Index"},
+		{name: "build without buildstatus", method: "GET", target: "/api/v1/builds/3", status: 200, header: kilnHeader(jsonCT),
+			body: strings.Replace(kilnBuildJSON, `"buildstatus":null,`, ``, 1), wantErr: "buildstatus"},
+		{name: "build with start_time", method: "GET", target: "/api/v1/builds/3", status: 200, header: kilnHeader(jsonCT),
+			body: strings.Replace(kilnBuildJSON, `"created_at":1700000000,`, `"created_at":1700000000,"start_time":1700000001,`, 1)},
+		{name: "build list", method: "GET", target: "/api/v1/builds?status=failed", status: 200, header: kilnHeader(jsonCT),
+			body: `{"items":[` + kilnBuildJSON + `],"meta":` + kilnMetaJSON + `}`},
+		{name: "build list without meta", method: "GET", target: "/api/v1/builds", status: 200, header: kilnHeader(jsonCT),
+			body: `{"items":[]}`, wantErr: "meta"},
+		{name: "bad filter", method: "GET", target: "/api/v1/builds?status=broken", status: 400, header: kilnHeader(jsonCT),
+			body: `{"error":"invalid argument: status \"broken\""}`},
+		{name: "min_index not reached", method: "GET", target: "/api/v1/builds/3?min_index=999", status: 503, header: kilnHeader(jsonCT),
+			body: `{"error":"unavailable: this node has applied 42, not yet 999"}`},
+		{name: "error without X-Kiln-Index", method: "GET", target: "/api/v1/builds/3", status: 404, header: jsonHeader(),
+			body: `{"error":"not found: build 3"}`, wantErr: "X-Kiln-Index"},
+		{name: "restart", method: "POST", target: "/api/v1/builds/3/restart", status: 202, header: kilnHeader(jsonCT), body: kilnBuildJSON},
+		{name: "restart answering 200", method: "POST", target: "/api/v1/builds/3/restart", status: 200, header: kilnHeader(jsonCT),
+			body: kilnBuildJSON, wantErr: "not declared"},
+		{name: "submission", method: "POST", target: "/api/v1/builds", status: 201,
+			header: kilnHeader(jsonCT, "Location", "/api/v1/builds/3"), body: kilnBuildJSON},
+		{name: "submission without Location", method: "POST", target: "/api/v1/builds", status: 201,
+			header: kilnHeader(jsonCT), body: kilnBuildJSON, wantErr: "Location"},
+		{name: "evaluation in a list", method: "GET", target: "/api/v1/evaluations", status: 200, header: kilnHeader(jsonCT),
+			body: `{"items":[` + kilnEvalJSON + `}],"meta":` + kilnMetaJSON + `}`},
+		{name: "one evaluation", method: "GET", target: "/api/v1/evaluations/2", status: 200, header: kilnHeader(jsonCT),
+			body: kilnEvalJSON + `,"finished":false,"counts":{"total":1,"queued":1,"succeeded":0,"failed":0}}`},
+		{name: "one evaluation without counts", method: "GET", target: "/api/v1/evaluations/2", status: 200, header: kilnHeader(jsonCT),
+			body: kilnEvalJSON + `}`, wantErr: "counts"},
+		{name: "delete", method: "DELETE", target: "/api/v1/projects/p", status: 204, header: kilnHeader("")},
+		{name: "short status down", method: "GET", target: "/api/v1/status/short", status: 503, header: kilnHeader(jsonCT),
+			body: `{"ok":false,"reason":"no live agent"}`},
+		{name: "short status min_index", method: "GET", target: "/api/v1/status/short", status: 503, header: kilnHeader(jsonCT),
+			body: `{"error":"unavailable: this node has applied 42, not yet 999"}`},
+		{name: "short status up", method: "GET", target: "/api/v1/status/short", status: 200, header: kilnHeader(jsonCT), body: `{"ok":true}`},
+		{name: "short status up saying false", method: "GET", target: "/api/v1/status/short", status: 200, header: kilnHeader(jsonCT),
+			body: `{"ok":false}`, wantErr: "ok"},
+		{name: "step log", method: "GET", target: "/api/v1/steps/ab9zv2y5gm8hr6g318p0s6kaclwj4slr-top.drv/logs/1", status: 200,
+			header: kilnHeader("text/plain; charset=utf-8", "ETag", `"x"`), body: "building top\n"},
+		{name: "live log", method: "GET", target: "/api/v1/leases/7/log?offset=3", status: 200,
+			header: kilnHeader("text/plain; charset=utf-8", "X-Kiln-Log-Size", "12", "X-Kiln-Log-Done", "false"), body: "lding top\n"},
+		{name: "live log without its size", method: "GET", target: "/api/v1/leases/7/log", status: 200,
+			header: kilnHeader("text/plain; charset=utf-8", "X-Kiln-Log-Done", "true"), body: "", wantErr: "X-Kiln-Log-Size"},
+		{name: "cluster", method: "GET", target: "/api/v1/cluster", status: 200, header: kilnHeader(jsonCT),
+			body: `{"node":"c1","state":"Leader","leader":"c1","applied_index":42,"commit_index":42,"members":[{"id":"c1","raft_addr":"127.0.0.1:7000","http_addr":"127.0.0.1:8080","voter":true,"leader":true},{"id":"c2","raft_addr":"127.0.0.1:7001","voter":true,"leader":false}]}`},
+		{name: "scrub report", method: "GET", target: "/api/v1/cache/scrub", status: 200, header: kilnHeader(jsonCT, "X-Kiln-Scrubbed", "2"),
+			body: `{"started":"2024-01-02T03:04:05.123456789Z","finished":"2024-01-02T03:04:06Z","checked":2,"corrupt":[],"missing":[],"repaired":[],"unrepaired":[]}`},
+		{name: "user", method: "PUT", target: "/api/v1/users/alice", status: 200, header: kilnHeader(jsonCT),
+			body: `{"username":"alice","fullname":"","emailaddress":"","userroles":[]}`},
+		{name: "unknown route", method: "GET", target: "/api/v1/nothing-here", status: 404, header: kilnHeader(jsonCT),
+			body: `{"error":"no such endpoint: /api/v1/nothing-here"}`},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			req := httptest.NewRequest(tc.method, tc.target, nil)
+			err := c.Check(context.Background(), req, tc.status, tc.header, []byte(tc.body))
+			switch {
+			case tc.wantErr == "" && err != nil:
+				t.Fatalf("Check rejected a valid response: %v", err)
+			case tc.wantErr != "" && err == nil:
+				t.Fatalf("Check accepted an invalid response (want an error mentioning %q)", tc.wantErr)
+			case tc.wantErr != "" && !strings.Contains(err.Error(), tc.wantErr):
+				t.Fatalf("Check error %q does not mention %q", err, tc.wantErr)
+			}
+		})
+	}
+}
+
+// TestServedDocumentsConform checks the two documents, as /api/v1 serves
+// them, against their own operations.
+func TestServedDocumentsConform(t *testing.T) {
+	c := kilnChecker(t)
+	for path, data := range map[string][]byte{"/api/v1/openapi.yaml": KilnYAML(), "/api/v1/hydra-openapi.yaml": HydraYAML()} {
+		req := httptest.NewRequest("GET", path, nil)
+		if err := c.Check(context.Background(), req, 200, kilnHeader("application/yaml"), data); err != nil {
+			t.Errorf("%s: %v", path, err)
 		}
 	}
 }
