@@ -25,9 +25,34 @@ func (c *Coordinator) WaitApplied(ctx context.Context, index uint64) error {
 	return c.fsm.waitApplied(ctx, index)
 }
 
-// CatchUp waits until this node has applied its known commit index.
+// CatchUp waits until this node has applied everything the leader had
+// committed when asked (a read barrier, as Raft's ReadIndex): a follower
+// learns of new commits only with the next append, so its own commit
+// index is not enough.
 func (c *Coordinator) CatchUp(ctx context.Context) error {
-	return c.fsm.waitApplied(ctx, c.raft.CommitIndex())
+	if c.IsLeader() {
+		return c.fsm.waitApplied(ctx, c.raft.CommitIndex())
+	}
+	addr, err := c.leaderHTTPAddr()
+	if err != nil {
+		return err
+	}
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/api/v1/cluster", nil)
+	if err != nil {
+		return err
+	}
+	resp, err := c.blobClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("%w: %v", raftfsm.ErrUnavailable, err)
+	}
+	defer resp.Body.Close()
+	var body struct {
+		CommitIndex uint64 `json:"commit_index"`
+	}
+	if resp.StatusCode != http.StatusOK || json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 1<<20)).Decode(&body) != nil {
+		return fmt.Errorf("%w: the leader did not say its commit index", raftfsm.ErrUnavailable)
+	}
+	return c.fsm.waitApplied(ctx, body.CommitIndex)
 }
 
 // ServeLog writes a stored build log from this node's blob store.
