@@ -2,8 +2,10 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"math/rand/v2"
 	"net/http"
@@ -12,6 +14,7 @@ import (
 	"slices"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -42,21 +45,37 @@ type Config struct {
 	NixOptions []string
 	// HeartbeatInterval (default 3 s) must be well under the lease TTL.
 	HeartbeatInterval time.Duration
-	Logger            *slog.Logger
+	// DrainTimeout bounds a drain (Drain): builds still running then are
+	// stopped and handed back (default 10 min).
+	DrainTimeout time.Duration
+	Logger       *slog.Logger
 }
 
 // Agent is one running builder.
 type Agent struct {
-	cfg     Config
-	log     *slog.Logger
-	clients []kilnv1connect.AgentServiceClient
-	cred    string
+	cfg  Config
+	log  *slog.Logger
+	hc   *http.Client
+	cred string
+	// coordinators: the configured ones plus those discovered since.
+	coordinators atomic.Pointer[[]coordinatorClient]
 	id      string
 
 	mu      sync.Mutex
-	running map[uint64]context.CancelFunc
+	running map[uint64]context.CancelCauseFunc
 	slots   chan struct{}
+
+	drain     chan struct{} // closed by Drain
+	drainOnce sync.Once
 }
+
+// errHandBack stops a build that a drain gives back to the queue.
+var errHandBack = errors.New("handed back: the agent is draining")
+
+// Drain asks a running agent to stop taking leases, finish what it holds
+// (handing back what is still running after DrainTimeout) and return from
+// Run. Safe to call more than once.
+func (a *Agent) Drain() { a.drainOnce.Do(func() { close(a.drain) }) }
 
 // New prepares an agent; Run registers and works until ctx ends.
 func New(cfg Config) (*Agent, error) {
@@ -72,6 +91,9 @@ func New(cfg Config) (*Agent, error) {
 	if cfg.HeartbeatInterval <= 0 {
 		cfg.HeartbeatInterval = 3 * time.Second
 	}
+	if cfg.DrainTimeout <= 0 {
+		cfg.DrainTimeout = 10 * time.Minute
+	}
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -81,14 +103,123 @@ func New(cfg Config) (*Agent, error) {
 	if err := os.MkdirAll(cfg.WorkDir, 0o700); err != nil {
 		return nil, err
 	}
-	a := &Agent{cfg: cfg, log: cfg.Logger, running: map[uint64]context.CancelFunc{}, slots: make(chan struct{}, cfg.MaxJobs)}
+	a := &Agent{cfg: cfg, log: cfg.Logger, running: map[uint64]context.CancelCauseFunc{}, slots: make(chan struct{}, cfg.MaxJobs),
+		drain: make(chan struct{})}
 	// No client timeout: long-polls and uploads carry their own deadlines.
-	hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16, IdleConnTimeout: time.Minute}}
-	for _, u := range cfg.Coordinators {
-		a.clients = append(a.clients, kilnv1connect.NewAgentServiceClient(hc, strings.TrimRight(u, "/"),
-			connect.WithSendMaxBytes(2<<20), connect.WithReadMaxBytes(8<<20)))
-	}
+	a.hc = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16, IdleConnTimeout: time.Minute}}
+	a.setCoordinators(cfg.Coordinators)
 	return a, nil
+}
+
+type coordinatorClient struct {
+	url    string
+	client kilnv1connect.AgentServiceClient
+}
+
+// setCoordinators replaces the coordinators the agent calls (keeping the
+// clients of those it already had).
+func (a *Agent) setCoordinators(urls []string) {
+	old := map[string]kilnv1connect.AgentServiceClient{}
+	if p := a.coordinators.Load(); p != nil {
+		for _, c := range *p {
+			old[c.url] = c.client
+		}
+	}
+	var out []coordinatorClient
+	for _, u := range urls {
+		u = strings.TrimRight(u, "/")
+		if slices.ContainsFunc(out, func(c coordinatorClient) bool { return c.url == u }) {
+			continue
+		}
+		cl := old[u]
+		if cl == nil {
+			cl = kilnv1connect.NewAgentServiceClient(a.hc, u, connect.WithSendMaxBytes(2<<20), connect.WithReadMaxBytes(8<<20))
+		}
+		out = append(out, coordinatorClient{url: u, client: cl})
+	}
+	a.coordinators.Store(&out)
+}
+
+// Coordinators lists the coordinator URLs the agent currently uses.
+func (a *Agent) Coordinators() []string {
+	var out []string
+	for _, c := range *a.coordinators.Load() {
+		out = append(out, c.url)
+	}
+	return out
+}
+
+// discover asks any known coordinator for the cluster's members and adds
+// their HTTP addresses to those the agent calls (configured ones stay:
+// they are how it finds the cluster again).
+func (a *Agent) discover(ctx context.Context) error {
+	var last error
+	for _, c := range *a.coordinators.Load() {
+		rctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+		members, err := a.members(rctx, c.url)
+		cancel()
+		if err != nil {
+			last = err
+			continue
+		}
+		urls := slices.Clone(a.cfg.Coordinators)
+		for _, m := range members {
+			urls = append(urls, "http://"+m)
+		}
+		before := a.Coordinators()
+		a.setCoordinators(urls)
+		if after := a.Coordinators(); !slices.Equal(before, after) {
+			a.log.Info("coordinators discovered", "agent", a.id, "coordinators", after)
+		}
+		return nil
+	}
+	return last
+}
+
+// members reads the members' HTTP addresses from a coordinator's /api/v1/cluster.
+func (a *Agent) members(ctx context.Context, base string) ([]string, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/api/v1/cluster", nil)
+	if err != nil {
+		return nil, err
+	}
+	resp, err := a.hc.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != http.StatusOK {
+		return nil, fmt.Errorf("%s/api/v1/cluster: %s", base, resp.Status)
+	}
+	var body struct {
+		Members []struct {
+			HTTPAddr string `json:"http_addr"`
+		} `json:"members"`
+	}
+	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&body); err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, m := range body.Members {
+		if m.HTTPAddr != "" {
+			out = append(out, m.HTTPAddr)
+		}
+	}
+	if len(out) == 0 {
+		return nil, fmt.Errorf("%s/api/v1/cluster names no member", base)
+	}
+	return out, nil
+}
+
+// runDiscoveryLoop refreshes the coordinators every minute (jittered).
+func (a *Agent) runDiscoveryLoop(ctx context.Context) {
+	for {
+		if err := a.discover(ctx); err != nil && ctx.Err() == nil {
+			a.log.Warn("discovering coordinators failed", "agent", a.id, "err", err)
+		}
+		if sleep(ctx, 45*time.Second+time.Duration(rand.Int64N(int64(30*time.Second)))) != nil {
+			return
+		}
+	}
 }
 
 // ID is the agent's ID once registered.
@@ -99,9 +230,10 @@ func (a *Agent) ID() string { return a.id }
 func call[T any](ctx context.Context, a *Agent, fn func(kilnv1connect.AgentServiceClient) (T, error)) (T, error) {
 	var zero T
 	var last error
-	start := rand.IntN(len(a.clients))
-	for i := range a.clients {
-		res, err := fn(a.clients[(start+i)%len(a.clients)])
+	clients := *a.coordinators.Load()
+	start := rand.IntN(len(clients))
+	for i := range clients {
+		res, err := fn(clients[(start+i)%len(clients)].client)
 		if err == nil {
 			return res, nil
 		}
@@ -173,12 +305,55 @@ func (a *Agent) Run(ctx context.Context) error {
 			return ctx.Err()
 		}
 	}
-	var wg sync.WaitGroup
-	wg.Add(2)
-	go func() { defer wg.Done(); a.runHeartbeatLoop(ctx) }()
-	go func() { defer wg.Done(); a.runLeaseLoop(ctx, &wg) }()
-	wg.Wait()
+	// Three lifetimes: leasing stops first on a drain; builds run until
+	// they finish (or the drain times out, or ctx ends); heartbeats last
+	// as long as any build.
+	leaseCtx, stopLeasing := context.WithCancel(ctx)
+	buildCtx, stopBuilds := context.WithCancel(ctx)
+	hbCtx, stopHeartbeats := context.WithCancel(context.WithoutCancel(ctx))
+	var builds sync.WaitGroup
+	var loops sync.WaitGroup
+	loops.Go(func() { a.runHeartbeatLoop(hbCtx) })
+	loops.Go(func() { a.runDiscoveryLoop(hbCtx) })
+	leasing := make(chan struct{})
+	go func() { defer close(leasing); a.runLeaseLoop(leaseCtx, buildCtx, &builds) }()
+	select {
+	case <-ctx.Done():
+	case <-a.drain:
+		a.log.Info("draining: no new leases; finishing the running builds", "agent", a.id, "running", a.runningCount(), "timeout", a.cfg.DrainTimeout)
+		stopLeasing()
+		<-leasing
+		done := make(chan struct{})
+		go func() { builds.Wait(); close(done) }()
+		timer := time.NewTimer(a.cfg.DrainTimeout)
+		select {
+		case <-done:
+		case <-timer.C:
+			a.log.Warn("drain timed out: handing back the running builds", "agent", a.id, "running", a.runningCount())
+			a.mu.Lock()
+			for _, stop := range a.running {
+				stop(errHandBack)
+			}
+			a.mu.Unlock()
+			<-done
+		case <-ctx.Done():
+		}
+		timer.Stop()
+	}
+	stopLeasing()
+	<-leasing
+	stopBuilds()
+	builds.Wait()
+	stopHeartbeats()
+	loops.Wait()
+	a.log.Info("agent stopped", "agent", a.id)
 	return nil
+}
+
+func (a *Agent) runningCount() int {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return len(a.running)
 }
 
 func backoff(attempt int) time.Duration {
@@ -197,8 +372,9 @@ func sleep(ctx context.Context, d time.Duration) error {
 	}
 }
 
-// runLeaseLoop long-polls for work whenever a slot is free.
-func (a *Agent) runLeaseLoop(ctx context.Context, wg *sync.WaitGroup) {
+// runLeaseLoop long-polls for work whenever a slot is free, until ctx ends;
+// builds run under buildCtx, counted in wg.
+func (a *Agent) runLeaseLoop(ctx, buildCtx context.Context, wg *sync.WaitGroup) {
 	failures := 0
 	for ctx.Err() == nil {
 		// Wait for a free slot.
@@ -233,7 +409,7 @@ func (a *Agent) runLeaseLoop(ctx context.Context, wg *sync.WaitGroup) {
 			if i > 0 {
 				a.slots <- struct{}{} // the first took the slot we hold
 			}
-			bctx, bcancel := context.WithCancel(ctx)
+			bctx, bcancel := context.WithCancelCause(buildCtx)
 			a.mu.Lock()
 			a.running[l.LeaseId] = bcancel
 			a.mu.Unlock()
@@ -245,7 +421,7 @@ func (a *Agent) runLeaseLoop(ctx context.Context, wg *sync.WaitGroup) {
 					a.mu.Lock()
 					delete(a.running, l.LeaseId)
 					a.mu.Unlock()
-					bcancel()
+					bcancel(nil)
 				}()
 				a.runBuild(bctx, l)
 			}()
@@ -283,7 +459,7 @@ func (a *Agent) runHeartbeatLoop(ctx context.Context) {
 			a.mu.Unlock()
 			if stop != nil {
 				a.log.Warn("lease cancelled by the coordinator: stopping its build", "lease", id)
-				stop()
+				stop(errors.New("lease cancelled by the coordinator"))
 			}
 		}
 	}

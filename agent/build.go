@@ -79,6 +79,9 @@ func (a *Agent) runBuild(ctx context.Context, l *kilnv1.Lease) {
 	outcome, msg := a.realise(ctx, l, ls)
 	if ctx.Err() != nil {
 		log.Warn("build stopped", "reason", context.Cause(ctx))
+		if errors.Is(context.Cause(ctx), errHandBack) {
+			a.handBack(l, ls)
+		}
 		return
 	}
 	// The final log is exactly what Nix recorded, when it recorded one.
@@ -120,6 +123,22 @@ func (a *Agent) runBuild(ctx context.Context, l *kilnv1.Lease) {
 			return
 		}
 	}
+}
+
+// handBack tells the leader a drained lease is given back unfinished, so
+// its step is queued again at once instead of after the lease TTL.
+func (a *Agent) handBack(l *kilnv1.Lease, ls *logStreamer) {
+	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Second)
+	defer cancel()
+	_ = ls.flush(ctx, true)
+	_, err := call(ctx, a, func(c kilnv1connect.AgentServiceClient) (*connect.Response[kilnv1.CompleteResponse], error) {
+		return c.Complete(ctx, withBearer(&kilnv1.CompleteRequest{LeaseId: l.LeaseId, Outcome: kilnv1.Outcome_OUTCOME_RELEASED, Error: "agent drained"}, a.cred))
+	})
+	if err != nil {
+		a.log.Warn("handing back the lease failed: it will expire", "lease", l.LeaseId, "step", l.DrvPath, "agent", a.id, "err", err)
+		return
+	}
+	a.log.Info("lease handed back", "lease", l.LeaseId, "step", l.DrvPath, "agent", a.id)
 }
 
 // realise runs nix-store --realise and streams the builder's output.

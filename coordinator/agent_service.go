@@ -436,6 +436,7 @@ func (s agentService) Complete(ctx context.Context, req *connect.Request[kilnv1.
 		kilnv1.Outcome_OUTCOME_FAILED:    pb.LeaseOutcome_LEASE_OUTCOME_FAILED,
 		kilnv1.Outcome_OUTCOME_TRANSIENT: pb.LeaseOutcome_LEASE_OUTCOME_TRANSIENT,
 		kilnv1.Outcome_OUTCOME_TIMED_OUT: pb.LeaseOutcome_LEASE_OUTCOME_TIMED_OUT,
+		kilnv1.Outcome_OUTCOME_RELEASED:  pb.LeaseOutcome_LEASE_OUTCOME_RELEASED,
 	}[m.Outcome]
 	if outcome == pb.LeaseOutcome_LEASE_OUTCOME_UNSPECIFIED {
 		return nil, rpc.Error(fmt.Errorf("%w: outcome %v", raftfsm.ErrInvalid, m.Outcome))

@@ -180,6 +180,7 @@ func (c *Coordinator) goLoop(fn func()) {
 func (c *Coordinator) Close() error {
 	var err error
 	c.closed.Do(func() {
+		c.handOffLeadership()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if c.srv != nil {

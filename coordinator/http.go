@@ -14,11 +14,13 @@ import (
 
 // writeProcedures are the Connect procedures that need the admin token.
 var writeProcedures = map[string]bool{
-	kilnv1connect.BuildServiceSubmitBuildProcedure: true,
-	kilnv1connect.BuildServiceCancelBuildProcedure: true,
-	kilnv1connect.ClusterServiceApplyProcedure:     true,
-	kilnv1connect.ClusterServiceJoinProcedure:      true,
-	kilnv1connect.ClusterServiceMembersProcedure:   false,
+	kilnv1connect.BuildServiceSubmitBuildProcedure:          true,
+	kilnv1connect.BuildServiceCancelBuildProcedure:          true,
+	kilnv1connect.ClusterServiceApplyProcedure:              true,
+	kilnv1connect.ClusterServiceJoinProcedure:               true,
+	kilnv1connect.ClusterServiceMembersProcedure:            false,
+	kilnv1connect.ClusterServiceRemoveServerProcedure:       true,
+	kilnv1connect.ClusterServiceTransferLeadershipProcedure: true,
 }
 
 func (c *Coordinator) newHTTPServer() *http.Server {

@@ -121,3 +121,25 @@ func TestLeaderKilledMidBuild(t *testing.T) {
 		return code == 200 && stored == string(recorded)
 	})
 }
+
+// TestAgentSurvivesItsCoordinator: an agent given one coordinator's
+// address (the leader's) learns the others; when that coordinator is
+// killed it keeps building what is submitted through the survivors.
+func TestAgentSurvivesItsCoordinator(t *testing.T) {
+	fm := startFarm(t)
+	f1, _, li := fm.followers()
+	leader := fm.nodes[li]
+	a := fm.startAgent("agentA", leader, "")
+	waitFor(t, 30*time.Second, "the agent learns the other coordinators", func() bool {
+		return a.logged("coordinators discovered")
+	})
+	ids, _ := fm.submit(f1, slow("0.05"), "slow")
+	fm.waitFinished(f1, 60*time.Second, ids)
+	leader.kill()
+	waitFor(t, 30*time.Second, "a new leader", func() bool { return leaderOf(fm.nodes) >= 0 })
+	ids, _ = fm.submit(f1, slow("0.05"), "slow")
+	res := fm.waitFinished(f1, 90*time.Second, ids)
+	if b := res["slow"]; b.BuildStatus == nil || *b.BuildStatus != 0 {
+		t.Fatalf("build after losing the agent's coordinator: status %v, want 0", b.BuildStatus)
+	}
+}

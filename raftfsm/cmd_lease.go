@@ -80,6 +80,8 @@ func applyCompleteLease(c *applyCtx, m *pb.CompleteLease) (uint64, error) {
 		err = w.fail(s, 7, m.Error)
 	case pb.LeaseOutcome_LEASE_OUTCOME_TRANSIENT:
 		err = w.retry(s, m.Error, m.MaxTries, m.BackoffSeconds)
+	case pb.LeaseOutcome_LEASE_OUTCOME_RELEASED:
+		err = w.requeue(s, "handed back: "+m.Error)
 	default:
 		return 0, fmt.Errorf("%w: lease outcome %d", ErrInvalid, m.Outcome)
 	}
@@ -106,6 +108,17 @@ func applyExpireLease(c *applyCtx, m *pb.ExpireLease) (uint64, error) {
 		return 0, err
 	}
 	return m.LeaseId, w.flush()
+}
+
+// requeue makes a leased step runnable again at once, without counting a try.
+func (w *work) requeue(s *pb.Step, reason string) error {
+	if err := w.dropLease(s); err != nil {
+		return err
+	}
+	s.State = pb.StepState_STEP_STATE_RUNNABLE
+	s.LeaseId = 0
+	s.LastError = reason
+	return nil
 }
 
 // retry puts a step that failed for a transient reason back in the queue

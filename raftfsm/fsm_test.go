@@ -387,3 +387,26 @@ func TestStatusOf(t *testing.T) {
 		}
 	}
 }
+
+// TestReleasedLeaseIsNotATry: a step handed back by a draining agent is
+// runnable again at once, its tries unchanged, with a new attempt number.
+func TestReleasedLeaseIsNotATry(t *testing.T) {
+	a := newApplier(t)
+	a.one(submitT, submit(1, "a", node("a")))
+	for i := 1; i <= 5; i++ {
+		l := a.grant("a")
+		if err := a.complete(l, pb.LeaseOutcome_LEASE_OUTCOME_RELEASED); err != nil {
+			t.Fatal(err)
+		}
+		s, _ := a.f.Read().Step(drv("a"))
+		if s.State != pb.StepState_STEP_STATE_RUNNABLE || s.Tries != 0 || s.NotBefore != 0 || s.Attempts != uint32(i) {
+			t.Fatalf("after hand-back %d: %v", i, s)
+		}
+		if err := a.complete(l, pb.LeaseOutcome_LEASE_OUTCOME_SUCCEEDED); !errors.Is(err, ErrStaleLease) {
+			t.Fatalf("completion under a handed-back lease: %v", err)
+		}
+	}
+	if b := a.build(1); b.State != pb.BuildState_BUILD_STATE_QUEUED {
+		t.Fatalf("build after hand-backs: %v", b)
+	}
+}

@@ -122,7 +122,8 @@ func (g *gen) command(now int64) *pb.Command {
 			id = g.leases[g.r.IntN(len(g.leases))] // stale or repeated
 		}
 		outcome := []pb.LeaseOutcome{pb.LeaseOutcome_LEASE_OUTCOME_SUCCEEDED, pb.LeaseOutcome_LEASE_OUTCOME_SUCCEEDED,
-			pb.LeaseOutcome_LEASE_OUTCOME_FAILED, pb.LeaseOutcome_LEASE_OUTCOME_TRANSIENT, pb.LeaseOutcome_LEASE_OUTCOME_TIMED_OUT}[g.r.IntN(5)]
+			pb.LeaseOutcome_LEASE_OUTCOME_FAILED, pb.LeaseOutcome_LEASE_OUTCOME_TRANSIENT, pb.LeaseOutcome_LEASE_OUTCOME_TIMED_OUT,
+			pb.LeaseOutcome_LEASE_OUTCOME_RELEASED}[g.r.IntN(6)]
 		return c(pb.CommandType_COMMAND_TYPE_COMPLETE_LEASE, &pb.CompleteLease{LeaseId: id, Outcome: outcome, Error: "e", MaxTries: 3, BackoffSeconds: int64(g.r.IntN(3))})
 	case k < 82: // expire
 		var id uint64

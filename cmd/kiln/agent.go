@@ -2,6 +2,7 @@ package main
 
 import (
 	"bufio"
+	"context"
 	"errors"
 	"fmt"
 	"log/slog"
@@ -10,6 +11,7 @@ import (
 	"os/signal"
 	"strings"
 	"syscall"
+	"time"
 
 	"github.com/spf13/cobra"
 
@@ -61,8 +63,28 @@ func newAgentCmd() *cobra.Command {
 			if err != nil {
 				return err
 			}
-			ctx, stop := signal.NotifyContext(cmd.Context(), os.Interrupt, syscall.SIGTERM)
+			// The first SIGTERM or SIGINT drains (no new leases, running
+			// builds finish or, past --drain-timeout, are handed back);
+			// a second one stops at once.
+			ctx, stop := context.WithCancel(cmd.Context())
 			defer stop()
+			sigs := make(chan os.Signal, 2)
+			signal.Notify(sigs, os.Interrupt, syscall.SIGTERM)
+			defer signal.Stop(sigs)
+			go func() {
+				select {
+				case <-sigs:
+					cfg.Logger.Info("signal received: draining (send it again to stop at once)")
+					a.Drain()
+				case <-ctx.Done():
+					return
+				}
+				select {
+				case <-sigs:
+					stop()
+				case <-ctx.Done():
+				}
+			}()
 			return a.Run(ctx)
 		},
 	}
@@ -78,6 +100,7 @@ func newAgentCmd() *cobra.Command {
 	fl.StringVar(&cfg.Name, "name", "", "a name for the dashboard (default: the host name)")
 	fl.StringArrayVar(&cfg.NixOptions, "nix-option", nil, "extra Nix option NAME=VALUE for every build (repeatable)")
 	fl.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 0, "heartbeat period (default 3s)")
+	fl.DurationVar(&cfg.DrainTimeout, "drain-timeout", 10*time.Minute, "on SIGTERM, how long running builds may finish before they are handed back")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }

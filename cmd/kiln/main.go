@@ -40,6 +40,7 @@ func newRootCmd() *cobra.Command {
 		},
 	}
 	root.AddCommand(newCoordinatorCmd(), newDevCmd(), newKeygenCmd(), newAgentCmd(), newBuildCmd())
+	root.AddCommand(newClusterCmd())
 	return root
 }
 

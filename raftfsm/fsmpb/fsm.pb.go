@@ -263,6 +263,9 @@ const (
 	LeaseOutcome_LEASE_OUTCOME_FAILED      LeaseOutcome = 2 // the build itself failed: no retry
 	LeaseOutcome_LEASE_OUTCOME_TRANSIENT   LeaseOutcome = 3 // retried with backoff up to max tries
 	LeaseOutcome_LEASE_OUTCOME_TIMED_OUT   LeaseOutcome = 4
+	// Handed back unfinished (a draining agent): queued again at once, the
+	// try not counted.
+	LeaseOutcome_LEASE_OUTCOME_RELEASED LeaseOutcome = 5
 )
 
 // Enum value maps for LeaseOutcome.
@@ -273,6 +276,7 @@ var (
 		2: "LEASE_OUTCOME_FAILED",
 		3: "LEASE_OUTCOME_TRANSIENT",
 		4: "LEASE_OUTCOME_TIMED_OUT",
+		5: "LEASE_OUTCOME_RELEASED",
 	}
 	LeaseOutcome_value = map[string]int32{
 		"LEASE_OUTCOME_UNSPECIFIED": 0,
@@ -280,6 +284,7 @@ var (
 		"LEASE_OUTCOME_FAILED":      2,
 		"LEASE_OUTCOME_TRANSIENT":   3,
 		"LEASE_OUTCOME_TIMED_OUT":   4,
+		"LEASE_OUTCOME_RELEASED":    5,
 	}
 )
 
@@ -4012,13 +4017,14 @@ const file_fsm_proto_rawDesc = "" +
 	"\x1fCOMMAND_TYPE_SET_BUILD_PRIORITY\x10\x17\x12 \n" +
 	"\x1cCOMMAND_TYPE_TRIGGER_JOBSETS\x10\x18\x12\x19\n" +
 	"\x15COMMAND_TYPE_PUT_USER\x10\x19\x12\x1c\n" +
-	"\x18COMMAND_TYPE_DELETE_USER\x10\x1a*\x9e\x01\n" +
+	"\x18COMMAND_TYPE_DELETE_USER\x10\x1a*\xba\x01\n" +
 	"\fLeaseOutcome\x12\x1d\n" +
 	"\x19LEASE_OUTCOME_UNSPECIFIED\x10\x00\x12\x1b\n" +
 	"\x17LEASE_OUTCOME_SUCCEEDED\x10\x01\x12\x18\n" +
 	"\x14LEASE_OUTCOME_FAILED\x10\x02\x12\x1b\n" +
 	"\x17LEASE_OUTCOME_TRANSIENT\x10\x03\x12\x1b\n" +
-	"\x17LEASE_OUTCOME_TIMED_OUT\x10\x04*\xbb\x02\n" +
+	"\x17LEASE_OUTCOME_TIMED_OUT\x10\x04\x12\x1a\n" +
+	"\x16LEASE_OUTCOME_RELEASED\x10\x05*\xbb\x02\n" +
 	"\n" +
 	"RecordType\x12\x1b\n" +
 	"\x17RECORD_TYPE_UNSPECIFIED\x10\x00\x12\x17\n" +

@@ -33,6 +33,7 @@ const (
 	Outcome_OUTCOME_FAILED      Outcome = 2 // the build failed: not retried
 	Outcome_OUTCOME_TRANSIENT   Outcome = 3 // fetch/upload/preparation failure: retried
 	Outcome_OUTCOME_TIMED_OUT   Outcome = 4
+	Outcome_OUTCOME_RELEASED    Outcome = 5 // handed back unfinished (draining): requeued, not a try
 )
 
 // Enum value maps for Outcome.
@@ -43,6 +44,7 @@ var (
 		2: "OUTCOME_FAILED",
 		3: "OUTCOME_TRANSIENT",
 		4: "OUTCOME_TIMED_OUT",
+		5: "OUTCOME_RELEASED",
 	}
 	Outcome_value = map[string]int32{
 		"OUTCOME_UNSPECIFIED": 0,
@@ -50,6 +52,7 @@ var (
 		"OUTCOME_FAILED":      2,
 		"OUTCOME_TRANSIENT":   3,
 		"OUTCOME_TIMED_OUT":   4,
+		"OUTCOME_RELEASED":    5,
 	}
 )
 
@@ -1155,13 +1158,14 @@ const file_kiln_v1_agent_proto_rawDesc = "" +
 	"started_at\x18\x04 \x01(\x03R\tstartedAt\x12\x1f\n" +
 	"\vfinished_at\x18\x05 \x01(\x03R\n" +
 	"finishedAt\"\x12\n" +
-	"\x10CompleteResponse*{\n" +
+	"\x10CompleteResponse*\x91\x01\n" +
 	"\aOutcome\x12\x17\n" +
 	"\x13OUTCOME_UNSPECIFIED\x10\x00\x12\x15\n" +
 	"\x11OUTCOME_SUCCEEDED\x10\x01\x12\x12\n" +
 	"\x0eOUTCOME_FAILED\x10\x02\x12\x15\n" +
 	"\x11OUTCOME_TRANSIENT\x10\x03\x12\x15\n" +
-	"\x11OUTCOME_TIMED_OUT\x10\x042\x90\x03\n" +
+	"\x11OUTCOME_TIMED_OUT\x10\x04\x12\x14\n" +
+	"\x10OUTCOME_RELEASED\x10\x052\x90\x03\n" +
 	"\fAgentService\x12?\n" +
 	"\bRegister\x12\x18.kiln.v1.RegisterRequest\x1a\x19.kiln.v1.RegisterResponse\x126\n" +
 	"\x05Lease\x12\x15.kiln.v1.LeaseRequest\x1a\x16.kiln.v1.LeaseResponse\x12B\n" +
