@@ -19,6 +19,7 @@ import (
 
 	"connectrpc.com/connect"
 
+	"github.com/kilnci/kiln/gossip"
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
 	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
 )
@@ -48,6 +49,14 @@ type Config struct {
 	// DrainTimeout bounds a drain (Drain): builds still running then are
 	// stopped and handed back (default 10 min).
 	DrainTimeout time.Duration
+	// GossipAddr, when set, joins the coordinators' gossip pool from this
+	// bind address; GossipJoin names gossip addresses to join (default:
+	// those the coordinators report). GossipKeyFile is the AES keyring.
+	GossipAddr          string
+	AdvertiseGossip     string
+	GossipKeyFile       string
+	GossipJoin          []string
+	GossipProbeInterval time.Duration
 	Logger       *slog.Logger
 }
 
@@ -67,6 +76,9 @@ type Agent struct {
 
 	drain     chan struct{} // closed by Drain
 	drainOnce sync.Once
+
+	pool        *gossip.Pool
+	gossipPeers atomic.Pointer[[]string]
 }
 
 // errHandBack stops a build that a drain gives back to the queue.
@@ -108,6 +120,7 @@ func New(cfg Config) (*Agent, error) {
 	// No client timeout: long-polls and uploads carry their own deadlines.
 	a.hc = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16, IdleConnTimeout: time.Minute}}
 	a.setCoordinators(cfg.Coordinators)
+	a.gossipPeers.Store(&[]string{})
 	return a, nil
 }
 
@@ -163,9 +176,17 @@ func (a *Agent) discover(ctx context.Context) error {
 			continue
 		}
 		urls := slices.Clone(a.cfg.Coordinators)
+		var peers []string
 		for _, m := range members {
-			urls = append(urls, "http://"+m)
+			urls = append(urls, "http://"+m.HTTPAddr)
+			if m.GossipAddr != "" {
+				peers = append(peers, m.GossipAddr)
+			}
 		}
+		for _, h := range a.poolCoordinators() {
+			urls = append(urls, "http://"+h)
+		}
+		a.gossipPeers.Store(&peers)
 		before := a.Coordinators()
 		a.setCoordinators(urls)
 		if after := a.Coordinators(); !slices.Equal(before, after) {
@@ -176,8 +197,13 @@ func (a *Agent) discover(ctx context.Context) error {
 	return last
 }
 
-// members reads the members' HTTP addresses from a coordinator's /api/v1/cluster.
-func (a *Agent) members(ctx context.Context, base string) ([]string, error) {
+type memberAddrs struct {
+	HTTPAddr   string `json:"http_addr"`
+	GossipAddr string `json:"gossip_addr"`
+}
+
+// members reads the members' addresses from a coordinator's /api/v1/cluster.
+func (a *Agent) members(ctx context.Context, base string) ([]memberAddrs, error) {
 	req, err := http.NewRequestWithContext(ctx, http.MethodGet, base+"/api/v1/cluster", nil)
 	if err != nil {
 		return nil, err
@@ -191,17 +217,15 @@ func (a *Agent) members(ctx context.Context, base string) ([]string, error) {
 		return nil, fmt.Errorf("%s/api/v1/cluster: %s", base, resp.Status)
 	}
 	var body struct {
-		Members []struct {
-			HTTPAddr string `json:"http_addr"`
-		} `json:"members"`
+		Members []memberAddrs `json:"members"`
 	}
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 1<<20)).Decode(&body); err != nil {
 		return nil, err
 	}
-	var out []string
+	var out []memberAddrs
 	for _, m := range body.Members {
 		if m.HTTPAddr != "" {
-			out = append(out, m.HTTPAddr)
+			out = append(out, m)
 		}
 	}
 	if len(out) == 0 {
@@ -210,13 +234,18 @@ func (a *Agent) members(ctx context.Context, base string) ([]string, error) {
 	return out, nil
 }
 
-// runDiscoveryLoop refreshes the coordinators every minute (jittered).
+// runDiscoveryLoop refreshes the coordinators: soon after start, then
+// about every minute.
 func (a *Agent) runDiscoveryLoop(ctx context.Context) {
-	for {
+	for i := 0; ; i++ {
 		if err := a.discover(ctx); err != nil && ctx.Err() == nil {
 			a.log.Warn("discovering coordinators failed", "agent", a.id, "err", err)
 		}
-		if sleep(ctx, 45*time.Second+time.Duration(rand.Int64N(int64(30*time.Second)))) != nil {
+		d := 45*time.Second + time.Duration(rand.Int64N(int64(30*time.Second)))
+		if i < 3 {
+			d = time.Second // until the cluster has settled (gossip addresses appear)
+		}
+		if sleep(ctx, d) != nil {
 			return
 		}
 	}
@@ -305,6 +334,10 @@ func (a *Agent) Run(ctx context.Context) error {
 			return ctx.Err()
 		}
 	}
+	if err := a.startGossip(); err != nil {
+		return fmt.Errorf("gossip: %w", err)
+	}
+	drained := false
 	// Three lifetimes: leasing stops first on a drain; builds run until
 	// they finish (or the drain times out, or ctx ends); heartbeats last
 	// as long as any build.
@@ -315,11 +348,13 @@ func (a *Agent) Run(ctx context.Context) error {
 	var loops sync.WaitGroup
 	loops.Go(func() { a.runHeartbeatLoop(hbCtx) })
 	loops.Go(func() { a.runDiscoveryLoop(hbCtx) })
+	loops.Go(func() { a.runGossipLoop(hbCtx) })
 	leasing := make(chan struct{})
 	go func() { defer close(leasing); a.runLeaseLoop(leaseCtx, buildCtx, &builds) }()
 	select {
 	case <-ctx.Done():
 	case <-a.drain:
+		drained = true
 		a.log.Info("draining: no new leases; finishing the running builds", "agent", a.id, "running", a.runningCount(), "timeout", a.cfg.DrainTimeout)
 		stopLeasing()
 		<-leasing
@@ -346,6 +381,7 @@ func (a *Agent) Run(ctx context.Context) error {
 	builds.Wait()
 	stopHeartbeats()
 	loops.Wait()
+	a.stopGossip(drained)
 	a.log.Info("agent stopped", "agent", a.id)
 	return nil
 }

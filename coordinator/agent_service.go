@@ -47,6 +47,10 @@ type liveness struct {
 	agents   map[string]time.Time // last call per agent
 	granting map[string]bool      // steps with a grant in flight
 	logs     map[uint64]*leaseLog // live logs by lease
+	// gossipGone: agents the pool declared dead or gone, and since when.
+	gossipGone map[string]time.Time
+	// wake and expiryWake nudge the leader's membership and expiry loops.
+	wake, expiryWake chan struct{}
 
 	fairMu    sync.Mutex
 	fair      *raftfsm.FairShare
@@ -62,7 +66,17 @@ type leaseLog struct {
 
 func newLiveness() *liveness {
 	return &liveness{since: time.Now(), leases: map[uint64]time.Time{}, agents: map[string]time.Time{},
-		granting: map[string]bool{}, logs: map[uint64]*leaseLog{}}
+		granting: map[string]bool{}, logs: map[uint64]*leaseLog{}, gossipGone: map[string]time.Time{},
+		wake: make(chan struct{}, 1), expiryWake: make(chan struct{}, 1)}
+}
+
+func (l *liveness) nudge() {
+	for _, ch := range []chan struct{}{l.wake, l.expiryWake} {
+		select {
+		case ch <- struct{}{}:
+		default:
+		}
+	}
 }
 
 // fairShare is the jobsets' use of the farm, recomputed when the state moved.
@@ -501,8 +515,24 @@ func (s agentService) Complete(ctx context.Context, req *connect.Request[kilnv1.
 // since it took over count from then: every lease gets a fresh TTL.
 func (c *Coordinator) runLeaseExpiryLoop(ctx context.Context, live *liveness) {
 	for {
-		if sleepCtx(ctx, jitter(c.cfg.LeaseTTL/10)) != nil {
+		// While the pool reports agents gone, look often: their leases
+		// go as soon as they have also been silent for agentDeadQuiet.
+		live.mu.Lock()
+		tick := jitter(c.cfg.LeaseTTL / 10)
+		for id, at := range live.gossipGone {
+			if time.Since(at) > c.cfg.LeaseTTL {
+				delete(live.gossipGone, id) // the TTL has taken over
+			}
+		}
+		if len(live.gossipGone) > 0 {
+			tick = 250 * time.Millisecond
+		}
+		live.mu.Unlock()
+		select {
+		case <-ctx.Done():
 			return
+		case <-time.After(tick):
+		case <-live.expiryWake:
 		}
 		if !c.IsLeader() {
 			continue
@@ -515,6 +545,7 @@ func (c *Coordinator) runLeaseExpiryLoop(ctx context.Context, live *liveness) {
 		now := time.Now()
 		var cmds []*pb.Command
 		var ids []uint64
+		var reasons []string
 		byID := map[uint64]*pb.Lease{}
 		live.mu.Lock()
 		for _, l := range leases {
@@ -523,16 +554,27 @@ func (c *Coordinator) runLeaseExpiryLoop(ctx context.Context, live *liveness) {
 			if hb := live.leases[l.Id]; hb.After(last) {
 				last = hb
 			}
+			reason := fmt.Sprintf("agent %s sent no heartbeat for %v", l.AgentId, c.cfg.LeaseTTL)
 			if now.Sub(last) <= c.cfg.LeaseTTL {
-				continue
+				// A dead agent by gossip that is also silent loses its
+				// leases now, not after the TTL.
+				seen := live.since
+				if t := live.agents[l.AgentId]; t.After(seen) {
+					seen = t
+				}
+				if _, gone := live.gossipGone[l.AgentId]; !gone || now.Sub(seen) < agentDeadQuiet {
+					continue
+				}
+				reason = fmt.Sprintf("agent %s declared dead by gossip", l.AgentId)
 			}
 			cmd, err := raftfsm.NewCommand(pb.CommandType_COMMAND_TYPE_EXPIRE_LEASE, &pb.ExpireLease{
-				LeaseId: l.Id, Reason: fmt.Sprintf("agent %s sent no heartbeat for %v", l.AgentId, c.cfg.LeaseTTL),
+				LeaseId: l.Id, Reason: reason,
 				MaxTries: c.cfg.MaxTries, BackoffSeconds: int64(c.cfg.RetryBackoff / time.Second),
 			}, 0)
 			if err == nil {
 				cmds = append(cmds, cmd)
 				ids = append(ids, l.Id)
+				reasons = append(reasons, reason)
 			}
 		}
 		live.mu.Unlock()
@@ -555,7 +597,7 @@ func (c *Coordinator) runLeaseExpiryLoop(ctx context.Context, live *liveness) {
 			}
 			l := byID[ids[i]]
 			c.metrics.leasesExpired.Inc()
-			c.log.Warn("lease expired", "lease", ids[i], "step", l.DrvPath, "agent", l.AgentId, "reason", "no heartbeat")
+			c.log.Warn("lease expired", "lease", ids[i], "step", l.DrvPath, "agent", l.AgentId, "reason", reasons[i])
 			if ll != nil && ll.buf.Len() > 0 {
 				// The attempt's log so far is kept, marked incomplete.
 				rec := &pb.LogRecord{DrvPath: l.DrvPath, Attempt: l.Attempt, Incomplete: true}

@@ -95,7 +95,7 @@ func (s clusterService) RemoveServer(ctx context.Context, req *connect.Request[k
 	c := s.c
 	return onLeader(ctx, c,
 		func(ctx context.Context) (*kilnv1.RemoveServerResponse, error) {
-			if err := c.removeServer(ctx, m.NodeId); err != nil {
+			if err := c.removeServerByOperator(ctx, m.NodeId); err != nil {
 				return nil, err
 			}
 			ms, _, err := c.members()
@@ -470,7 +470,7 @@ func (c *Coordinator) putNode(ctx context.Context, n *pb.Node) error {
 // never joins through anyone).
 func (c *Coordinator) registerSelf(ctx context.Context) {
 	for attempt := 0; ; attempt++ {
-		err := c.putNode(ctx, &pb.Node{Id: c.id, RaftAddr: c.raftAddr, HttpAddr: c.httpAddr})
+		err := c.putNode(ctx, &pb.Node{Id: c.id, RaftAddr: c.raftAddr, HttpAddr: c.httpAddr, GossipAddr: c.GossipAddr()})
 		if err == nil || ctx.Err() != nil {
 			return
 		}

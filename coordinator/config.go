@@ -82,10 +82,40 @@ type Config struct {
 	MaxTries     uint32
 	RetryBackoff time.Duration
 
+	// GossipAddr, when set, joins this coordinator to the memberlist pool
+	// it shares with agents (bind address; port 0 picks one);
+	// AdvertiseGossip is how others reach it. GossipKeyFile holds the AES
+	// keyring (base64 keys, one per line, the first primary), re-read when
+	// it changes.
+	GossipAddr      string
+	AdvertiseGossip string
+	GossipKeyFile   string
+	// RetryJoin lists gossip addresses of other coordinators to join.
+	RetryJoin []string
+	// BootstrapExpect: with no Raft state, wait for this many coordinators
+	// in the pool, then bootstrap Raft with all of them (as Consul does).
+	BootstrapExpect int
+	// DeadServerCleanup: the leader removes a voter the pool has declared
+	// dead for this long, if MinQuorum voters remain (default 30 s, 3).
+	DeadServerCleanup time.Duration
+	MinQuorum         int
+	// LeaveOnTerminate makes Close leave the pool (the leader then removes
+	// this node from Raft at once); by default a stopped coordinator is
+	// merely failed, as a restart would be.
+	LeaveOnTerminate bool
+	// GossipProbeInterval tunes failure detection (memberlist LAN default 1 s).
+	GossipProbeInterval time.Duration
+
 	Logger *slog.Logger
 }
 
 func (c *Config) setDefaults() error {
+	if c.DeadServerCleanup <= 0 {
+		c.DeadServerCleanup = 30 * time.Second
+	}
+	if c.MinQuorum <= 0 {
+		c.MinQuorum = 3
+	}
 	if c.DataDir == "" {
 		return fmt.Errorf("coordinator: a data directory is required")
 	}

@@ -15,6 +15,7 @@ import (
 	"github.com/hashicorp/raft"
 
 	"github.com/kilnci/kiln/cache"
+	"github.com/kilnci/kiln/gossip"
 	"github.com/kilnci/kiln/raftfsm"
 	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
 )
@@ -60,6 +61,12 @@ type Coordinator struct {
 	liveness atomic.Pointer[liveness]
 
 	metrics *metrics
+
+	// pool is the gossip pool (nil without --gossip-addr); removed holds
+	// the nodes an operator removed, so gossip does not add them back.
+	pool      *gossip.Pool
+	removedMu sync.Mutex
+	removed   map[string]time.Time
 
 	httpLn net.Listener
 	srv    *http.Server
@@ -147,6 +154,14 @@ func (c *Coordinator) Start() error {
 		_ = c.parts.store.Close()
 		return err
 	}
+	if err := c.startGossip(ctx); err != nil {
+		cancel()
+		ln.Close()
+		_ = c.raft.Shutdown().Error()
+		_ = c.parts.trans.Close()
+		_ = c.parts.store.Close()
+		return fmt.Errorf("gossip: %w", err)
+	}
 	c.srv = c.newHTTPServer()
 	c.goLoop(func() {
 		if err := c.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
@@ -181,6 +196,7 @@ func (c *Coordinator) Close() error {
 	var err error
 	c.closed.Do(func() {
 		c.handOffLeadership()
+		c.stopGossip()
 		ctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 		defer cancel()
 		if c.srv != nil {
@@ -310,6 +326,11 @@ func (c *Coordinator) leaderLoop(ctx context.Context) {
 	go func() {
 		defer wg.Done()
 		c.runLeaseExpiryLoop(ctx, live)
+	}()
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		c.runMembershipLoop(ctx, live)
 	}()
 	if c.cfg.CacheGCInterval > 0 {
 		c.runCacheGCLoop(ctx)

@@ -113,6 +113,8 @@ type clusterMember struct {
 	ID       string `json:"id"`
 	RaftAddr string `json:"raft_addr"`
 	HTTPAddr string `json:"http_addr,omitempty"`
+	// GossipAddr is the member's address in the gossip pool, if it has one.
+	GossipAddr string `json:"gossip_addr,omitempty"`
 	Voter    bool   `json:"voter"`
 	Leader   bool   `json:"leader"`
 }
@@ -132,7 +134,11 @@ func (c *Coordinator) handleCluster(w http.ResponseWriter, r *http.Request) {
 		Members      []clusterMember `json:"members"`
 	}{Node: c.id, State: c.raft.State().String(), Leader: leader, AppliedIndex: c.fsm.AppliedIndex(), CommitIndex: c.raft.CommitIndex(), Members: []clusterMember{}}
 	for _, m := range ms {
-		out.Members = append(out.Members, clusterMember{ID: m.Id, RaftAddr: m.RaftAddr, HTTPAddr: m.HttpAddr, Voter: m.Voter, Leader: m.Leader})
+		cm := clusterMember{ID: m.Id, RaftAddr: m.RaftAddr, HTTPAddr: m.HttpAddr, Voter: m.Voter, Leader: m.Leader}
+		if n, err := c.fsm.Read().Node(m.Id); err == nil {
+			cm.GossipAddr = n.GossipAddr
+		}
+		out.Members = append(out.Members, cm)
 	}
 	web.WriteJSON(w, http.StatusOK, out)
 }

@@ -187,7 +187,8 @@ var errNotLeaderRetry = errors.New("not the leader")
 // raftError maps raft's errors to domain errors.
 func raftError(err error) error {
 	switch {
-	case errors.Is(err, raft.ErrNotLeader):
+	case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipTransferInProgress):
+		// Nothing was stored: safe to send again to the next leader.
 		return fmt.Errorf("%w: %w", raftfsm.ErrNoLeader, errNotLeaderRetry)
 	case errors.Is(err, raft.ErrLeadershipLost):
 		return fmt.Errorf("%w: leadership lost while committing; the write may or may not have been applied", raftfsm.ErrUnavailable)

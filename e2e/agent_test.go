@@ -101,6 +101,12 @@ type farm struct {
 
 func startFarm(t *testing.T, extra ...string) *farm {
 	t.Helper()
+	return startFarmWith(t, func(int) []string { return extra })
+}
+
+// startFarmWith is startFarm with per-node extra coordinator arguments.
+func startFarmWith(t *testing.T, extra func(i int) []string) *farm {
+	t.Helper()
 	fm := &farm{t: t, nx: newNixEnv(t), dir: t.TempDir()}
 	secret, public := filepath.Join(fm.dir, "cache.sec"), filepath.Join(fm.dir, "cache.pub")
 	if out, err := exec.Command(kilnBin, "keygen", "e2e-agents-1", "--secret-file", secret, "--public-file", public).CombinedOutput(); err != nil {
@@ -112,9 +118,9 @@ func startFarm(t *testing.T, extra ...string) *farm {
 	if err := os.WriteFile(fm.tokenFile, []byte(agentToken+"\n"), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	fm.nodes = startCoordinators(t, 3, func(int) []string {
+	fm.nodes = startCoordinators(t, 3, func(i int) []string {
 		return append([]string{"--cache-key-file", secret, "--agent-token-file", fm.tokenFile, "--lease-ttl", "4s",
-			"--retry-backoff", "1s", "--blob-sync-interval", "1s"}, extra...)
+			"--retry-backoff", "1s", "--blob-sync-interval", "1s"}, extra(i)...)
 	})
 	fm.netrc = filepath.Join(fm.nx.dir, "netrc")
 	if err := os.WriteFile(fm.netrc, []byte("machine 127.0.0.1\nlogin nix\npassword "+token+"\n"), 0o600); err != nil {
@@ -133,11 +139,11 @@ func (fm *farm) followers() (*coordProc, *coordProc, int) {
 	return fm.nodes[(li+1)%3], fm.nodes[(li+2)%3], li
 }
 
-func (fm *farm) startAgent(name string, via *coordProc, features string) *proc {
-	p := startProc(fm.t, name, "agent", "--coordinator", "http://"+via.http, "--token-file", fm.tokenFile,
+func (fm *farm) startAgent(name string, via *coordProc, features string, extra ...string) *proc {
+	p := startProc(fm.t, name, append([]string{"agent", "--coordinator", "http://" + via.http, "--token-file", fm.tokenFile,
 		"--work-dir", filepath.Join(fm.dir, name), "--store", filepath.Join(fm.dir, name+"-store"),
-		"--systems", fm.system, "--features="+features, "--max-jobs", "2",
-		"--nix-option", "sandbox-paths=/bin/sh=/bin/busybox", "--heartbeat-interval", "1s")
+		"--systems", fm.system, "--features=" + features, "--max-jobs", "2",
+		"--nix-option", "sandbox-paths=/bin/sh=/bin/busybox", "--heartbeat-interval", "1s"}, extra...)...)
 	fm.t.Cleanup(func() {
 		if fm.t.Failed() {
 			p.dumpLog()

@@ -48,6 +48,23 @@ func freeAddr(t *testing.T) string {
 	return ln.Addr().String()
 }
 
+// freeGossipAddr returns a loopback address whose port was free a moment
+// ago for both TCP and UDP (memberlist uses both).
+func freeGossipAddr(t *testing.T) string {
+	t.Helper()
+	for i := 0; i < 20; i++ {
+		addr := freeAddr(t)
+		u, err := net.ListenPacket("udp", addr)
+		if err != nil {
+			continue
+		}
+		u.Close()
+		return addr
+	}
+	t.Fatal("no free gossip port")
+	return ""
+}
+
 // proc is one running kiln process.
 type proc struct {
 	t    *testing.T

@@ -36,6 +36,9 @@ type Backend interface {
 	LiveAgents(ctx context.Context) (last map[string]time.Time, known bool)
 	// Cluster describes the coordinators and the cache.
 	Cluster(ctx context.Context) ClusterStatus
+	// GossipAgents maps agent IDs to their state in the gossip pool
+	// ("alive", "dead", "left"); nil when this node is not in one.
+	GossipAgents() map[string]string
 }
 
 // Config configures the API handler.

@@ -69,8 +69,9 @@ type AgentStatusJSON struct {
 	Load              float64  `json:"load"`
 	Live              bool     `json:"live"`
 	LastHeartbeat     *string  `json:"last_heartbeat"`
-	// Gossip is "heartbeats-only": there is no gossip pool yet, so every
-	// agent is known through its heartbeats alone.
+	// Gossip is "reachable" or "unreachable" (alive, or dead/left, in the
+	// answering node's view of the gossip pool), or "heartbeats-only" for
+	// an agent that is not in the pool (behind NAT, or no gossip).
 	Gossip string `json:"gossip"`
 }
 
@@ -102,11 +103,19 @@ func (a *api) status(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	caps := map[string]*CapabilityJSON{}
+	pool := a.cfg.Backend.GossipAgents()
 	for _, ag := range agents {
 		seen, live := last[ag.Id]
 		st := AgentStatusJSON{ID: ag.Id, Name: ag.Name, Systems: nonNil(ag.Systems), Features: nonNil(ag.SupportedFeatures),
 			MandatoryFeatures: nonNil(ag.MandatoryFeatures), MaxJobs: ag.MaxJobs, Leases: wc.leases[ag.Id], Live: live,
 			Gossip: "heartbeats-only"}
+		switch state, ok := pool[ag.Id]; {
+		case !ok:
+		case state == "alive":
+			st.Gossip = "reachable"
+		default:
+			st.Gossip = "unreachable"
+		}
 		st.Load = float64(st.Leases) / float64(max(ag.MaxJobs, 1))
 		if live {
 			t := seen.UTC().Format(time.RFC3339)

@@ -59,6 +59,10 @@ func newAgentCmd() *cobra.Command {
 					cfg.Coordinators[i] = "http://" + u
 				}
 			}
+			if cfg.GossipAddr != "" {
+				cfg.GossipAddr = withGossipPort(cfg.GossipAddr)[0]
+			}
+			cfg.GossipJoin = withGossipPort(cfg.GossipJoin...)
 			a, err := agent.New(cfg)
 			if err != nil {
 				return err
@@ -101,6 +105,11 @@ func newAgentCmd() *cobra.Command {
 	fl.StringArrayVar(&cfg.NixOptions, "nix-option", nil, "extra Nix option NAME=VALUE for every build (repeatable)")
 	fl.DurationVar(&cfg.HeartbeatInterval, "heartbeat-interval", 0, "heartbeat period (default 3s)")
 	fl.DurationVar(&cfg.DrainTimeout, "drain-timeout", 10*time.Minute, "on SIGTERM, how long running builds may finish before they are handed back")
+	fl.StringVar(&cfg.GossipAddr, "gossip-addr", "", "join the coordinators' gossip pool on this bind address (port 7946 when omitted; empty: heartbeats alone)")
+	fl.StringVar(&cfg.AdvertiseGossip, "advertise-gossip", "", "gossip address others use to reach this agent (default: the bound address)")
+	fl.StringVar(&cfg.GossipKeyFile, "gossip-key-file", "", "the pool's AES keyring (base64 keys, one per line, the first primary)")
+	fl.StringSliceVar(&cfg.GossipJoin, "gossip-join", nil, "gossip address(es) to join (default: those the coordinators report)")
+	fl.DurationVar(&cfg.GossipProbeInterval, "gossip-probe-interval", 0, "gossip failure-detection probe interval (0: 1s)")
 	fl.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	return cmd
 }

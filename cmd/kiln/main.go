@@ -83,6 +83,27 @@ func (f *coordinatorFlags) register(cmd *cobra.Command, httpDefault, raftDefault
 	fl.Int64Var(&f.cfg.MaxLogBytes, "max-log-bytes", 64<<20, "largest build log stored")
 	fl.Uint32Var(&f.cfg.MaxTries, "max-tries", 5, "attempts of a step failing for transient reasons before it is aborted")
 	fl.DurationVar(&f.cfg.RetryBackoff, "retry-backoff", 10*time.Second, "wait before a step that failed transiently runs again")
+	fl.StringVar(&f.cfg.GossipAddr, "gossip-addr", "", "join the gossip pool shared with agents on this address (port 7946 when omitted; empty: no gossip)")
+	fl.StringVar(&f.cfg.AdvertiseGossip, "advertise-gossip", "", "gossip address others use to reach this node (default: the bound address)")
+	fl.StringVar(&f.cfg.GossipKeyFile, "gossip-key-file", "", "AES keyring for gossip: base64 keys, one per line, the first primary (re-read on change)")
+	fl.StringSliceVar(&f.cfg.RetryJoin, "retry-join", nil, "gossip address(es) of other coordinators to join, retried until one answers")
+	fl.IntVar(&f.cfg.BootstrapExpect, "bootstrap-expect", 0, "with no state yet, bootstrap Raft once this many coordinators are in the pool")
+	fl.DurationVar(&f.cfg.DeadServerCleanup, "dead-server-cleanup", 30*time.Second, "remove a voter the pool declared dead this long ago (if --min-quorum voters remain)")
+	fl.IntVar(&f.cfg.MinQuorum, "min-quorum", 3, "dead servers are removed automatically only while at least this many voters remain")
+	fl.BoolVar(&f.cfg.LeaveOnTerminate, "leave-on-terminate", false, "on shutdown leave the pool, so the leader removes this node from Raft at once")
+	fl.DurationVar(&f.cfg.GossipProbeInterval, "gossip-probe-interval", 0, "gossip failure-detection probe interval (0: memberlist's LAN default, 1s)")
+}
+
+// withGossipPort adds the default gossip port to addresses without one.
+func withGossipPort(addrs ...string) []string {
+	out := make([]string, 0, len(addrs))
+	for _, a := range addrs {
+		if a != "" && !strings.Contains(a, ":") {
+			a += ":7946"
+		}
+		out = append(out, a)
+	}
+	return out
 }
 
 func (f *coordinatorFlags) logger() (*slog.Logger, error) {
@@ -105,6 +126,13 @@ func (f *coordinatorFlags) finish() error {
 			return fmt.Errorf("agent token: %w", err)
 		}
 		f.cfg.AgentToken = tok
+	}
+	if f.cfg.GossipAddr != "" {
+		f.cfg.GossipAddr = withGossipPort(f.cfg.GossipAddr)[0]
+	}
+	f.cfg.RetryJoin = withGossipPort(f.cfg.RetryJoin...)
+	if f.cfg.BootstrapExpect > 0 && f.cfg.GossipAddr == "" {
+		return errors.New("--bootstrap-expect needs --gossip-addr")
 	}
 	f.cfg.HeartbeatTimeout = f.raftHeartbeat
 	f.cfg.ElectionTimeout = f.raftElection
