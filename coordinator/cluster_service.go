@@ -7,6 +7,7 @@ import (
 	"io"
 	"net/http"
 	"net/url"
+	"slices"
 	"strings"
 	"time"
 
@@ -84,7 +85,15 @@ func (s clusterService) Members(ctx context.Context, _ *connect.Request[kilnv1.M
 	if err != nil {
 		return nil, rpc.Error(err)
 	}
-	return connect.NewResponse(&kilnv1.MembersResponse{Members: ms, LeaderId: leader, AppliedIndex: s.c.fsm.AppliedIndex()}), nil
+	out := &kilnv1.MembersResponse{Members: ms, LeaderId: leader, AppliedIndex: s.c.fsm.AppliedIndex()}
+	if s.c.pool != nil {
+		for _, m := range s.c.pool.Members() {
+			out.Gossip = append(out.Gossip, &kilnv1.GossipMember{Name: m.Name, Addr: m.Addr, State: m.State, Role: string(m.Meta.Role),
+				NodeId: m.Meta.NodeID, AgentId: m.Meta.AgentID})
+		}
+		slices.SortFunc(out.Gossip, func(a, b *kilnv1.GossipMember) int { return strings.Compare(a.Name, b.Name) })
+	}
+	return connect.NewResponse(out), nil
 }
 
 func (s clusterService) RemoveServer(ctx context.Context, req *connect.Request[kilnv1.RemoveServerRequest]) (*connect.Response[kilnv1.RemoveServerResponse], error) {

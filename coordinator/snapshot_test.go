@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"os"
 	"testing"
 	"time"
 
@@ -48,4 +49,43 @@ func TestFollowerCatchesUpBySnapshot(t *testing.T) {
 		t.Fatal(err)
 	}
 	tc.waitFor(10*time.Second, "new write replicated", func() bool { _, err := restarted.Read().Build(b.Id); return err == nil })
+}
+
+// TestWipedNodeRejoinsBySnapshot: a follower whose data dir is wiped is
+// restarted with its old ID and addresses; it rejoins and is brought up
+// to date by a snapshot, blobs included by the sync loop.
+func TestWipedNodeRejoinsBySnapshot(t *testing.T) {
+	tc := startCluster(t, 3)
+	li, leader := tc.leader(10 * time.Second)
+	fi := 1 // a follower that joined through node 0
+	if li == 1 {
+		fi = 2
+	}
+	for i := 0; i < 50; i++ {
+		if _, err := leader.SubmitBuild(context.Background(), submitMsg(7000+i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	tc.stop(fi)
+	if err := os.RemoveAll(tc.cfgs[fi].DataDir); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.MkdirAll(tc.cfgs[fi].DataDir, 0o700); err != nil {
+		t.Fatal(err)
+	}
+	if err := leader.Raft().ReloadConfig(reloadTrailing(leader, 10)); err != nil {
+		t.Fatal(err)
+	}
+	if err := leader.Raft().Snapshot().Error(); err != nil {
+		t.Fatalf("snapshot: %v", err)
+	}
+	wiped := tc.restart(fi)
+	target := leader.AppliedIndex()
+	tc.waitFor(20*time.Second, "the wiped node catches up", func() bool { return wiped.AppliedIndex() >= target })
+	if diff := cmp.Diff(dumpOf(t, leader), dumpOf(t, wiped), protocmpOpt()); diff != "" {
+		t.Fatalf("state of the wiped node differs (-leader +wiped):\n%s", diff)
+	}
+	if wiped.Raft().LastIndex() < target {
+		t.Errorf("wiped node's log ends at %d, before %d", wiped.Raft().LastIndex(), target)
+	}
 }

@@ -3,6 +3,7 @@ package e2e
 import (
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"sync/atomic"
@@ -254,6 +255,16 @@ func TestGossipClusterFromRetryJoin(t *testing.T) {
 	}
 	if len(got) < 20 {
 		t.Fatalf("only %d submissions were acknowledged", len(got))
+	}
+	// The operator's view: Raft members and the pool.
+	out, err := exec.Command(kilnBin, "cluster", "members", "--coordinator", "http://"+survivors[0].http).CombinedOutput()
+	if err != nil {
+		t.Fatalf("kiln cluster members: %v\n%s", err, out)
+	}
+	for _, want := range []string{"GOSSIP MEMBER", "n3", "alive", "coordinator"} {
+		if !strings.Contains(string(out), want) {
+			t.Errorf("kiln cluster members lacks %q:\n%s", want, out)
+		}
 	}
 	waitFor(t, 20*time.Second, "every acknowledged build on every survivor", func() bool {
 		for _, n := range survivors {

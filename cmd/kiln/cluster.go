@@ -52,6 +52,18 @@ func newClusterCmd() *cobra.Command {
 			if err := printMembers(out, resp.Msg.Members); err != nil {
 				return err
 			}
+			if len(resp.Msg.Gossip) > 0 {
+				fmt.Fprintln(out)
+				tw := tabwriter.NewWriter(out, 0, 4, 2, ' ', 0)
+				fmt.Fprintln(tw, "GOSSIP MEMBER\tADDRESS\tSTATE\tROLE\tID")
+				for _, g := range resp.Msg.Gossip {
+					id := g.NodeId + g.AgentId
+					fmt.Fprintf(tw, "%s\t%s\t%s\t%s\t%s\n", g.Name, g.Addr, g.State, g.Role, id)
+				}
+				if err := tw.Flush(); err != nil {
+					return err
+				}
+			}
 			leader := resp.Msg.LeaderId
 			if leader == "" {
 				leader = "none known"

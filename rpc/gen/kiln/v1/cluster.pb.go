@@ -398,10 +398,12 @@ func (x *Member) GetLeader() bool {
 }
 
 type MembersResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Members       []*Member              `protobuf:"bytes,1,rep,name=members,proto3" json:"members,omitempty"`
-	LeaderId      string                 `protobuf:"bytes,2,opt,name=leader_id,json=leaderId,proto3" json:"leader_id,omitempty"`
-	AppliedIndex  uint64                 `protobuf:"varint,3,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	Members      []*Member              `protobuf:"bytes,1,rep,name=members,proto3" json:"members,omitempty"`
+	LeaderId     string                 `protobuf:"bytes,2,opt,name=leader_id,json=leaderId,proto3" json:"leader_id,omitempty"`
+	AppliedIndex uint64                 `protobuf:"varint,3,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
+	// The gossip pool as the answering node sees it (empty without gossip).
+	Gossip        []*GossipMember `protobuf:"bytes,4,rep,name=gossip,proto3" json:"gossip,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -457,6 +459,97 @@ func (x *MembersResponse) GetAppliedIndex() uint64 {
 	return 0
 }
 
+func (x *MembersResponse) GetGossip() []*GossipMember {
+	if x != nil {
+		return x.Gossip
+	}
+	return nil
+}
+
+type GossipMember struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Addr          string                 `protobuf:"bytes,2,opt,name=addr,proto3" json:"addr,omitempty"`
+	State         string                 `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"` // alive, dead, left
+	Role          string                 `protobuf:"bytes,4,opt,name=role,proto3" json:"role,omitempty"`   // coordinator, agent
+	NodeId        string                 `protobuf:"bytes,5,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	AgentId       string                 `protobuf:"bytes,6,opt,name=agent_id,json=agentId,proto3" json:"agent_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *GossipMember) Reset() {
+	*x = GossipMember{}
+	mi := &file_kiln_v1_cluster_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *GossipMember) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*GossipMember) ProtoMessage() {}
+
+func (x *GossipMember) ProtoReflect() protoreflect.Message {
+	mi := &file_kiln_v1_cluster_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use GossipMember.ProtoReflect.Descriptor instead.
+func (*GossipMember) Descriptor() ([]byte, []int) {
+	return file_kiln_v1_cluster_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *GossipMember) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *GossipMember) GetAddr() string {
+	if x != nil {
+		return x.Addr
+	}
+	return ""
+}
+
+func (x *GossipMember) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *GossipMember) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
+func (x *GossipMember) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *GossipMember) GetAgentId() string {
+	if x != nil {
+		return x.AgentId
+	}
+	return ""
+}
+
 type RemoveServerRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// The Raft server ID of the coordinator to remove.
@@ -467,7 +560,7 @@ type RemoveServerRequest struct {
 
 func (x *RemoveServerRequest) Reset() {
 	*x = RemoveServerRequest{}
-	mi := &file_kiln_v1_cluster_proto_msgTypes[8]
+	mi := &file_kiln_v1_cluster_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -479,7 +572,7 @@ func (x *RemoveServerRequest) String() string {
 func (*RemoveServerRequest) ProtoMessage() {}
 
 func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kiln_v1_cluster_proto_msgTypes[8]
+	mi := &file_kiln_v1_cluster_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -492,7 +585,7 @@ func (x *RemoveServerRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerRequest.ProtoReflect.Descriptor instead.
 func (*RemoveServerRequest) Descriptor() ([]byte, []int) {
-	return file_kiln_v1_cluster_proto_rawDescGZIP(), []int{8}
+	return file_kiln_v1_cluster_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *RemoveServerRequest) GetNodeId() string {
@@ -514,7 +607,7 @@ type RemoveServerResponse struct {
 
 func (x *RemoveServerResponse) Reset() {
 	*x = RemoveServerResponse{}
-	mi := &file_kiln_v1_cluster_proto_msgTypes[9]
+	mi := &file_kiln_v1_cluster_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -526,7 +619,7 @@ func (x *RemoveServerResponse) String() string {
 func (*RemoveServerResponse) ProtoMessage() {}
 
 func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kiln_v1_cluster_proto_msgTypes[9]
+	mi := &file_kiln_v1_cluster_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -539,7 +632,7 @@ func (x *RemoveServerResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use RemoveServerResponse.ProtoReflect.Descriptor instead.
 func (*RemoveServerResponse) Descriptor() ([]byte, []int) {
-	return file_kiln_v1_cluster_proto_rawDescGZIP(), []int{9}
+	return file_kiln_v1_cluster_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *RemoveServerResponse) GetLeaderId() string {
@@ -568,7 +661,7 @@ type TransferLeadershipRequest struct {
 
 func (x *TransferLeadershipRequest) Reset() {
 	*x = TransferLeadershipRequest{}
-	mi := &file_kiln_v1_cluster_proto_msgTypes[10]
+	mi := &file_kiln_v1_cluster_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -580,7 +673,7 @@ func (x *TransferLeadershipRequest) String() string {
 func (*TransferLeadershipRequest) ProtoMessage() {}
 
 func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kiln_v1_cluster_proto_msgTypes[10]
+	mi := &file_kiln_v1_cluster_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -593,7 +686,7 @@ func (x *TransferLeadershipRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipRequest.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipRequest) Descriptor() ([]byte, []int) {
-	return file_kiln_v1_cluster_proto_rawDescGZIP(), []int{10}
+	return file_kiln_v1_cluster_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *TransferLeadershipRequest) GetToNodeId() string {
@@ -615,7 +708,7 @@ type TransferLeadershipResponse struct {
 
 func (x *TransferLeadershipResponse) Reset() {
 	*x = TransferLeadershipResponse{}
-	mi := &file_kiln_v1_cluster_proto_msgTypes[11]
+	mi := &file_kiln_v1_cluster_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -627,7 +720,7 @@ func (x *TransferLeadershipResponse) String() string {
 func (*TransferLeadershipResponse) ProtoMessage() {}
 
 func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kiln_v1_cluster_proto_msgTypes[11]
+	mi := &file_kiln_v1_cluster_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -640,7 +733,7 @@ func (x *TransferLeadershipResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use TransferLeadershipResponse.ProtoReflect.Descriptor instead.
 func (*TransferLeadershipResponse) Descriptor() ([]byte, []int) {
-	return file_kiln_v1_cluster_proto_rawDescGZIP(), []int{11}
+	return file_kiln_v1_cluster_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *TransferLeadershipResponse) GetOldLeaderId() string {
@@ -684,11 +777,19 @@ const file_kiln_v1_cluster_proto_rawDesc = "" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x1b\n" +
 	"\thttp_addr\x18\x03 \x01(\tR\bhttpAddr\x12\x14\n" +
 	"\x05voter\x18\x04 \x01(\bR\x05voter\x12\x16\n" +
-	"\x06leader\x18\x05 \x01(\bR\x06leader\"~\n" +
+	"\x06leader\x18\x05 \x01(\bR\x06leader\"\xad\x01\n" +
 	"\x0fMembersResponse\x12)\n" +
 	"\amembers\x18\x01 \x03(\v2\x0f.kiln.v1.MemberR\amembers\x12\x1b\n" +
 	"\tleader_id\x18\x02 \x01(\tR\bleaderId\x12#\n" +
-	"\rapplied_index\x18\x03 \x01(\x04R\fappliedIndex\".\n" +
+	"\rapplied_index\x18\x03 \x01(\x04R\fappliedIndex\x12-\n" +
+	"\x06gossip\x18\x04 \x03(\v2\x15.kiln.v1.GossipMemberR\x06gossip\"\x94\x01\n" +
+	"\fGossipMember\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x12\n" +
+	"\x04addr\x18\x02 \x01(\tR\x04addr\x12\x14\n" +
+	"\x05state\x18\x03 \x01(\tR\x05state\x12\x12\n" +
+	"\x04role\x18\x04 \x01(\tR\x04role\x12\x17\n" +
+	"\anode_id\x18\x05 \x01(\tR\x06nodeId\x12\x19\n" +
+	"\bagent_id\x18\x06 \x01(\tR\aagentId\".\n" +
 	"\x13RemoveServerRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\"^\n" +
 	"\x14RemoveServerResponse\x12\x1b\n" +
@@ -719,7 +820,7 @@ func file_kiln_v1_cluster_proto_rawDescGZIP() []byte {
 	return file_kiln_v1_cluster_proto_rawDescData
 }
 
-var file_kiln_v1_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 12)
+var file_kiln_v1_cluster_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_kiln_v1_cluster_proto_goTypes = []any{
 	(*ApplyRequest)(nil),               // 0: kiln.v1.ApplyRequest
 	(*CommandResult)(nil),              // 1: kiln.v1.CommandResult
@@ -729,30 +830,32 @@ var file_kiln_v1_cluster_proto_goTypes = []any{
 	(*MembersRequest)(nil),             // 5: kiln.v1.MembersRequest
 	(*Member)(nil),                     // 6: kiln.v1.Member
 	(*MembersResponse)(nil),            // 7: kiln.v1.MembersResponse
-	(*RemoveServerRequest)(nil),        // 8: kiln.v1.RemoveServerRequest
-	(*RemoveServerResponse)(nil),       // 9: kiln.v1.RemoveServerResponse
-	(*TransferLeadershipRequest)(nil),  // 10: kiln.v1.TransferLeadershipRequest
-	(*TransferLeadershipResponse)(nil), // 11: kiln.v1.TransferLeadershipResponse
+	(*GossipMember)(nil),               // 8: kiln.v1.GossipMember
+	(*RemoveServerRequest)(nil),        // 9: kiln.v1.RemoveServerRequest
+	(*RemoveServerResponse)(nil),       // 10: kiln.v1.RemoveServerResponse
+	(*TransferLeadershipRequest)(nil),  // 11: kiln.v1.TransferLeadershipRequest
+	(*TransferLeadershipResponse)(nil), // 12: kiln.v1.TransferLeadershipResponse
 }
 var file_kiln_v1_cluster_proto_depIdxs = []int32{
 	1,  // 0: kiln.v1.ApplyResponse.results:type_name -> kiln.v1.CommandResult
 	6,  // 1: kiln.v1.MembersResponse.members:type_name -> kiln.v1.Member
-	6,  // 2: kiln.v1.RemoveServerResponse.members:type_name -> kiln.v1.Member
-	0,  // 3: kiln.v1.ClusterService.Apply:input_type -> kiln.v1.ApplyRequest
-	3,  // 4: kiln.v1.ClusterService.Join:input_type -> kiln.v1.JoinRequest
-	5,  // 5: kiln.v1.ClusterService.Members:input_type -> kiln.v1.MembersRequest
-	8,  // 6: kiln.v1.ClusterService.RemoveServer:input_type -> kiln.v1.RemoveServerRequest
-	10, // 7: kiln.v1.ClusterService.TransferLeadership:input_type -> kiln.v1.TransferLeadershipRequest
-	2,  // 8: kiln.v1.ClusterService.Apply:output_type -> kiln.v1.ApplyResponse
-	4,  // 9: kiln.v1.ClusterService.Join:output_type -> kiln.v1.JoinResponse
-	7,  // 10: kiln.v1.ClusterService.Members:output_type -> kiln.v1.MembersResponse
-	9,  // 11: kiln.v1.ClusterService.RemoveServer:output_type -> kiln.v1.RemoveServerResponse
-	11, // 12: kiln.v1.ClusterService.TransferLeadership:output_type -> kiln.v1.TransferLeadershipResponse
-	8,  // [8:13] is the sub-list for method output_type
-	3,  // [3:8] is the sub-list for method input_type
-	3,  // [3:3] is the sub-list for extension type_name
-	3,  // [3:3] is the sub-list for extension extendee
-	0,  // [0:3] is the sub-list for field type_name
+	8,  // 2: kiln.v1.MembersResponse.gossip:type_name -> kiln.v1.GossipMember
+	6,  // 3: kiln.v1.RemoveServerResponse.members:type_name -> kiln.v1.Member
+	0,  // 4: kiln.v1.ClusterService.Apply:input_type -> kiln.v1.ApplyRequest
+	3,  // 5: kiln.v1.ClusterService.Join:input_type -> kiln.v1.JoinRequest
+	5,  // 6: kiln.v1.ClusterService.Members:input_type -> kiln.v1.MembersRequest
+	9,  // 7: kiln.v1.ClusterService.RemoveServer:input_type -> kiln.v1.RemoveServerRequest
+	11, // 8: kiln.v1.ClusterService.TransferLeadership:input_type -> kiln.v1.TransferLeadershipRequest
+	2,  // 9: kiln.v1.ClusterService.Apply:output_type -> kiln.v1.ApplyResponse
+	4,  // 10: kiln.v1.ClusterService.Join:output_type -> kiln.v1.JoinResponse
+	7,  // 11: kiln.v1.ClusterService.Members:output_type -> kiln.v1.MembersResponse
+	10, // 12: kiln.v1.ClusterService.RemoveServer:output_type -> kiln.v1.RemoveServerResponse
+	12, // 13: kiln.v1.ClusterService.TransferLeadership:output_type -> kiln.v1.TransferLeadershipResponse
+	9,  // [9:14] is the sub-list for method output_type
+	4,  // [4:9] is the sub-list for method input_type
+	4,  // [4:4] is the sub-list for extension type_name
+	4,  // [4:4] is the sub-list for extension extendee
+	0,  // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_kiln_v1_cluster_proto_init() }
@@ -766,7 +869,7 @@ func file_kiln_v1_cluster_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kiln_v1_cluster_proto_rawDesc), len(file_kiln_v1_cluster_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   12,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
