@@ -25,7 +25,7 @@ vet:
 
 test: deps vet
 	$(GO) test -count=1 -timeout 15m ./...
-	$(GO) test -race -count=1 -timeout 10m ./raftfsm ./coordinator ./cache ./agent
+	$(GO) test -race -count=1 -timeout 10m ./raftfsm ./coordinator ./cache ./agent ./gossip ./web/...
 
 demo: build deps
 	BIN=./$(BIN) sh examples/demo.sh
