@@ -5,7 +5,9 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"io"
 	"net/http"
+	"net/http/httptest"
 	"strings"
 	"testing"
 	"time"
@@ -301,5 +303,54 @@ func TestAgentProtocol(t *testing.T) {
 	}
 	if len(hb.Msg.CancelLeaseIds) != 1 || hb.Msg.CancelLeaseIds[0] != ls[0].LeaseId {
 		t.Errorf("after cancelling, heartbeat cancels %v, want %d", hb.Msg.CancelLeaseIds, ls[0].LeaseId)
+	}
+}
+
+// TestStalledBodyIsEnded: a request body (an agent's upload or log
+// stream) that stops sending is cut off after the idle timeout, over a
+// real socket, while a slow but steady one is not.
+func TestStalledBodyIsEnded(t *testing.T) {
+	got := make(chan error, 1)
+	h := idleReads(300*time.Millisecond, http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, err := io.Copy(io.Discard, r.Body)
+		got <- err
+	}))
+	srv := httptest.NewServer(h)
+	defer srv.Close()
+	tests := []struct {
+		name    string
+		pauses  []time.Duration
+		wantErr bool
+	}{
+		{"steady", []time.Duration{100 * time.Millisecond, 100 * time.Millisecond, 100 * time.Millisecond, 100 * time.Millisecond, 100 * time.Millisecond}, false},
+		{"stalled", []time.Duration{50 * time.Millisecond, 2 * time.Second}, true},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			pr, pw := io.Pipe()
+			go func() {
+				for _, p := range tt.pauses {
+					if _, err := pw.Write([]byte("chunk")); err != nil {
+						return
+					}
+					time.Sleep(p) // the client's pace is what is under test
+				}
+				pw.Close()
+			}()
+			req, _ := http.NewRequest(http.MethodPost, srv.URL, pr)
+			go func() {
+				if resp, err := http.DefaultClient.Do(req); err == nil {
+					resp.Body.Close()
+				}
+			}()
+			select {
+			case err := <-got:
+				if (err != nil) != tt.wantErr {
+					t.Errorf("handler's read error %v, want error %v", err, tt.wantErr)
+				}
+			case <-time.After(10 * time.Second):
+				t.Fatal("the handler never finished reading")
+			}
+		})
 	}
 }

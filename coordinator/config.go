@@ -78,6 +78,9 @@ type Config struct {
 	MaxSilent    time.Duration
 	// MaxLogBytes bounds a step's stored log (64 MiB).
 	MaxLogBytes int64
+	// StreamIdleTimeout ends an agent call whose request body stalls this
+	// long (an upload or log stream that stopped sending; 2 min).
+	StreamIdleTimeout time.Duration
 	// MaxTries and RetryBackoff govern transient failures (5, 10 s).
 	MaxTries     uint32
 	RetryBackoff time.Duration
@@ -127,6 +130,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.AdminToken == "" {
 		return fmt.Errorf("coordinator: an admin token is required")
+	}
+	if c.StreamIdleTimeout <= 0 {
+		c.StreamIdleTimeout = 2 * time.Minute
 	}
 	if c.MaxReadWait <= 0 {
 		c.MaxReadWait = 5 * time.Second

@@ -1,6 +1,7 @@
 package coordinator
 
 import (
+	"io"
 	"net/http"
 	"time"
 
@@ -36,7 +37,7 @@ func (c *Coordinator) newHTTPServer() *http.Server {
 	// no gzip on them.
 	agentPath, agentHandler := kilnv1connect.NewAgentServiceHandler(agentService{c},
 		connect.WithReadMaxBytes(2<<20), connect.WithSendMaxBytes(int(c.cfg.MaxBodyBytes)), connect.WithCompressMinBytes(1<<30))
-	mux.Handle(agentPath, c.leaderProxy(agentHandler))
+	mux.Handle(agentPath, idleReads(c.cfg.StreamIdleTimeout, c.leaderProxy(agentHandler)))
 	reflector := grpcreflect.NewStaticReflector(kilnv1connect.BuildServiceName, kilnv1connect.ClusterServiceName, kilnv1connect.AgentServiceName)
 	mux.Handle(grpcreflect.NewHandlerV1(reflector))
 	mux.Handle(grpcreflect.NewHandlerV1Alpha(reflector))
@@ -141,4 +142,30 @@ func (c *Coordinator) handleCluster(w http.ResponseWriter, r *http.Request) {
 		out.Members = append(out.Members, cm)
 	}
 	web.WriteJSON(w, http.StatusOK, out)
+}
+
+// idleReads bounds how long a request body may stall: before each read of
+// the body the connection's read deadline is pushed to now+idle, so an
+// upload or log stream that stops sending (a stuck or malicious agent)
+// ends with an error instead of holding its handler forever, while a
+// long, steady stream is never cut.
+func idleReads(idle time.Duration, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		if rc.SetReadDeadline(time.Now().Add(idle)) == nil {
+			r.Body = &idleBody{ReadCloser: r.Body, rc: rc, idle: idle}
+		}
+		next.ServeHTTP(w, r)
+	})
+}
+
+type idleBody struct {
+	io.ReadCloser
+	rc   *http.ResponseController
+	idle time.Duration
+}
+
+func (b *idleBody) Read(p []byte) (int, error) {
+	_ = b.rc.SetReadDeadline(time.Now().Add(b.idle))
+	return b.ReadCloser.Read(p)
 }

@@ -81,6 +81,7 @@ func (f *coordinatorFlags) register(cmd *cobra.Command, httpDefault, raftDefault
 	fl.DurationVar(&f.cfg.BuildTimeout, "build-timeout", 0, "longest a build may run (0: no limit)")
 	fl.DurationVar(&f.cfg.MaxSilent, "max-silent-time", 0, "longest a build may print nothing (0: no limit)")
 	fl.Int64Var(&f.cfg.MaxLogBytes, "max-log-bytes", 64<<20, "largest build log stored")
+	fl.DurationVar(&f.cfg.StreamIdleTimeout, "stream-idle-timeout", 2*time.Minute, "an agent upload or log stream that sends nothing for this long is ended")
 	fl.Uint32Var(&f.cfg.MaxTries, "max-tries", 5, "attempts of a step failing for transient reasons before it is aborted")
 	fl.DurationVar(&f.cfg.RetryBackoff, "retry-backoff", 10*time.Second, "wait before a step that failed transiently runs again")
 	fl.StringVar(&f.cfg.GossipAddr, "gossip-addr", "", "join the gossip pool shared with agents on this address (port 7946 when omitted; empty: no gossip)")
