@@ -20,6 +20,8 @@ const (
 func init() {
 	register(pb.CommandType_COMMAND_TYPE_SUBMIT_BUILD, func() *pb.SubmitBuild { return &pb.SubmitBuild{} }, applySubmitBuild)
 	register(pb.CommandType_COMMAND_TYPE_CANCEL_BUILD, func() *pb.CancelBuild { return &pb.CancelBuild{} }, applyCancelBuild)
+	register(pb.CommandType_COMMAND_TYPE_RESTART_BUILD, func() *pb.RestartBuild { return &pb.RestartBuild{} }, applyRestartBuild)
+	register(pb.CommandType_COMMAND_TYPE_SET_BUILD_PRIORITY, func() *pb.SetBuildPriority { return &pb.SetBuildPriority{} }, applySetBuildPriority)
 }
 
 // ValidateSubmit checks a submission without state: well-formed paths and
@@ -306,11 +308,6 @@ func applyCancelBuild(c *applyCtx, m *pb.CancelBuild) (uint64, error) {
 		return 0, err
 	}
 	return b.Id, w.flush()
-}
-
-func init() {
-	register(pb.CommandType_COMMAND_TYPE_RESTART_BUILD, func() *pb.RestartBuild { return &pb.RestartBuild{} }, applyRestartBuild)
-	register(pb.CommandType_COMMAND_TYPE_SET_BUILD_PRIORITY, func() *pb.SetBuildPriority { return &pb.SetBuildPriority{} }, applySetBuildPriority)
 }
 
 // applyRestartBuild queues a finished build again: every step of its

@@ -79,6 +79,22 @@ func checkParams(q url.Values, valid ...string) error {
 	return nil
 }
 
+// listQuery reads a list's query: only params (and page, per_page) are
+// allowed. It answers the error itself and reports whether to go on.
+func listQuery(w http.ResponseWriter, r *http.Request, params ...string) (q url.Values, pg, perPage int, ok bool) {
+	q = r.URL.Query()
+	if err := checkParams(q, append(params, "page", "per_page")...); err != nil {
+		WriteError(w, err)
+		return nil, 0, 0, false
+	}
+	pg, perPage, err := pagination(q)
+	if err != nil {
+		WriteError(w, err)
+		return nil, 0, 0, false
+	}
+	return q, pg, perPage, true
+}
+
 // page cuts a slice to the requested page.
 func page[T any](xs []T, pg, perPage int) []T {
 	lo := min((pg-1)*perPage, len(xs))
@@ -110,14 +126,8 @@ func projectJSON(p *pb.Project, js []*pb.Jobset) ProjectJSON {
 }
 
 func (a *api) listProjects(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	if err := checkParams(q, "page", "per_page"); err != nil {
-		WriteError(w, err)
-		return
-	}
-	pg, perPage, err := pagination(q)
-	if err != nil {
-		WriteError(w, err)
+	_, pg, perPage, ok := listQuery(w, r)
+	if !ok {
 		return
 	}
 	rd := a.cfg.Backend.Read()
@@ -246,14 +256,8 @@ func jobsetJSON(j *pb.Jobset) JobsetJSON {
 }
 
 func (a *api) listJobsets(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	if err := checkParams(q, "page", "per_page"); err != nil {
-		WriteError(w, err)
-		return
-	}
-	pg, perPage, err := pagination(q)
-	if err != nil {
-		WriteError(w, err)
+	_, pg, perPage, ok := listQuery(w, r)
+	if !ok {
 		return
 	}
 	rd := a.cfg.Backend.Read()
@@ -418,18 +422,12 @@ func evalJSON(rd *raftfsm.Reader, e *pb.Eval, withCounts bool) EvaluationJSON {
 }
 
 func (a *api) listEvals(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	if err := checkParams(q, "project", "jobset", "page", "per_page"); err != nil {
-		WriteError(w, err)
+	q, pg, perPage, ok := listQuery(w, r, "project", "jobset")
+	if !ok {
 		return
 	}
 	if q.Get("jobset") != "" && q.Get("project") == "" {
 		WriteError(w, fmt.Errorf("%w: jobset needs project", raftfsm.ErrInvalid))
-		return
-	}
-	pg, perPage, err := pagination(q)
-	if err != nil {
-		WriteError(w, err)
 		return
 	}
 	rd := a.cfg.Backend.Read()
@@ -629,17 +627,11 @@ func buildFilter(q url.Values) (raftfsm.BuildFilter, error) {
 }
 
 func (a *api) listBuilds(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	if err := checkParams(q, "project", "jobset", "job", "system", "status", "finished", "page", "per_page"); err != nil {
-		WriteError(w, err)
+	q, pg, perPage, ok := listQuery(w, r, "project", "jobset", "job", "system", "status", "finished")
+	if !ok {
 		return
 	}
 	f, err := buildFilter(q)
-	if err != nil {
-		WriteError(w, err)
-		return
-	}
-	pg, perPage, err := pagination(q)
 	if err != nil {
 		WriteError(w, err)
 		return
@@ -745,9 +737,8 @@ func init() {
 }
 
 func (a *api) listSteps(w http.ResponseWriter, r *http.Request) {
-	q := r.URL.Query()
-	if err := checkParams(q, "state", "system", "page", "per_page"); err != nil {
-		WriteError(w, err)
+	q, pg, perPage, ok := listQuery(w, r, "state", "system")
+	if !ok {
 		return
 	}
 	states := []pb.StepState{pb.StepState_STEP_STATE_LEASED, pb.StepState_STEP_STATE_RUNNABLE, pb.StepState_STEP_STATE_WAITING}
@@ -759,11 +750,6 @@ func (a *api) listSteps(w http.ResponseWriter, r *http.Request) {
 			return
 		}
 		states = []pb.StepState{st}
-	}
-	pg, perPage, err := pagination(q)
-	if err != nil {
-		WriteError(w, err)
-		return
 	}
 	rd := a.cfg.Backend.Read()
 	var sys []string
