@@ -57,7 +57,7 @@ type Config struct {
 	GossipKeyFile       string
 	GossipJoin          []string
 	GossipProbeInterval time.Duration
-	Logger       *slog.Logger
+	Logger              *slog.Logger
 }
 
 // Agent is one running builder.
@@ -68,7 +68,7 @@ type Agent struct {
 	cred string
 	// coordinators: the configured ones plus those discovered since.
 	coordinators atomic.Pointer[[]coordinatorClient]
-	id      string
+	id           string
 
 	mu      sync.Mutex
 	running map[uint64]context.CancelCauseFunc

@@ -116,8 +116,8 @@ type clusterMember struct {
 	HTTPAddr string `json:"http_addr,omitempty"`
 	// GossipAddr is the member's address in the gossip pool, if it has one.
 	GossipAddr string `json:"gossip_addr,omitempty"`
-	Voter    bool   `json:"voter"`
-	Leader   bool   `json:"leader"`
+	Voter      bool   `json:"voter"`
+	Leader     bool   `json:"leader"`
 }
 
 func (c *Coordinator) handleCluster(w http.ResponseWriter, r *http.Request) {

@@ -267,7 +267,6 @@ func TestGossipBootstrapExpectAndCleanup(t *testing.T) {
 	}
 }
 
-
 func slogTo(w io.Writer) *slog.Logger {
 	return slog.New(slog.NewTextHandler(io.MultiWriter(w, testLogWriter()), &slog.HandlerOptions{Level: slog.LevelDebug}))
 }
