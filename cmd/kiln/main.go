@@ -268,6 +268,15 @@ func newDevCmd() *cobra.Command {
 			return runCoordinator(cmd.Context(), f.cfg, func(ctx context.Context, c *coordinator.Coordinator) func() {
 				wait := func() {}
 				if !noAgent {
+					// The agent registers once the single node leads (or
+					// after 30 s, retrying on its own from then on).
+					deadline := time.Now().Add(30 * time.Second)
+					for ok, _ := c.Ready(); !ok && ctx.Err() == nil && time.Now().Before(deadline); ok, _ = c.Ready() {
+						select {
+						case <-ctx.Done():
+						case <-time.After(20 * time.Millisecond):
+						}
+					}
 					wait = startDevAgent(ctx, f.cfg, c.HTTPAddr(), agentStore, agentJobs, agentNixOptions)
 				}
 				fmt.Printf("Kiln dev is running.\n  API:         http://%s/api/v1/builds\n  Cluster:     http://%s/api/v1/cluster\n  Data dir:    %s\n  Admin token: %s\n  (token file: %s)\n",
