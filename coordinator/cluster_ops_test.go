@@ -51,7 +51,9 @@ func nodeRecords(t *testing.T, c *Coordinator) []string {
 	}
 	var ids []string
 	for _, n := range ns {
-		ids = append(ids, n.Id)
+		if !n.Removed { // tombstones of removed nodes are not members
+			ids = append(ids, n.Id)
+		}
 	}
 	slices.Sort(ids)
 	return ids
@@ -152,9 +154,12 @@ func TestClusterRemoveServer(t *testing.T) {
 	}
 	want := slices.DeleteFunc(slices.Clone(votersBefore), func(id string) bool { return id == victimID })
 	remaining := []*Coordinator{lead, via}
-	tc.waitFor(10*time.Second, "the remaining nodes see 2 voters and no record of the removed node", func() bool {
+	tc.waitFor(10*time.Second, "the remaining nodes see 2 voters and a tombstone for the removed node", func() bool {
 		for _, c := range remaining {
 			if !slices.Equal(voterIDs(t, c), want) || slices.Contains(nodeRecords(t, c), victimID) {
+				return false
+			}
+			if n, err := c.Read().Node(victimID); err != nil || !n.Removed {
 				return false
 			}
 		}

@@ -186,10 +186,11 @@ func (c *Coordinator) removeServer(ctx context.Context, id string) error {
 		}
 	}
 	if target == nil {
-		if _, err := c.fsm.Read().Node(id); err != nil {
-			if errors.Is(err, raftfsm.ErrNotFound) {
-				return fmt.Errorf("%w: %q is not a member of the cluster", raftfsm.ErrNotFound, id)
-			}
+		n, err := c.fsm.Read().Node(id)
+		if errors.Is(err, raftfsm.ErrNotFound) || err == nil && n.Removed {
+			return fmt.Errorf("%w: %q is not a member of the cluster", raftfsm.ErrNotFound, id)
+		}
+		if err != nil {
 			return err
 		}
 		c.log.Info("forgetting the addresses of a server no longer in the configuration", "id", id)

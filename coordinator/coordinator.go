@@ -62,11 +62,8 @@ type Coordinator struct {
 
 	metrics *metrics
 
-	// pool is the gossip pool (nil without --gossip-addr); removed holds
-	// the nodes an operator removed, so gossip does not add them back.
-	pool      *gossip.Pool
-	removedMu sync.Mutex
-	removed   map[string]time.Time
+	// pool is the gossip pool (nil without --gossip-addr).
+	pool *gossip.Pool
 
 	httpLn net.Listener
 	srv    *http.Server

@@ -293,31 +293,19 @@ func (c *Coordinator) reconcileMembers(ctx context.Context, deadSince map[string
 	}
 }
 
-// markRemoved remembers (for an hour, in this leader's memory) that an
-// operator removed a node, so the pool does not add it back while it lives.
-func (c *Coordinator) markRemoved(id string) {
-	c.removedMu.Lock()
-	defer c.removedMu.Unlock()
-	if c.removed == nil {
-		c.removed = map[string]time.Time{}
-	}
-	c.removed[id] = time.Now()
-}
-
+// wasRemoved reports whether an operator removed the node: a replicated
+// tombstone (its Node record, marked removed), so every future leader
+// knows not to add it back while it lives.
 func (c *Coordinator) wasRemoved(id string) bool {
-	c.removedMu.Lock()
-	defer c.removedMu.Unlock()
-	t, ok := c.removed[id]
-	if ok && time.Since(t) > time.Hour {
-		delete(c.removed, id)
-		return false
-	}
-	return ok
+	n, err := c.fsm.Read().Node(id)
+	return err == nil && n.Removed
 }
 
-// removeServerByOperator removes a server as `kiln cluster remove` does:
-// remembered, so gossip does not add it back while it lives.
+// removeServerByOperator removes a server as `kiln cluster remove` does,
+// leaving a tombstone so gossip does not add it back while it lives.
 func (c *Coordinator) removeServerByOperator(ctx context.Context, id string) error {
-	c.markRemoved(id)
-	return c.removeServer(ctx, id)
+	if err := c.removeServer(ctx, id); err != nil {
+		return err
+	}
+	return c.putNode(ctx, &pb.Node{Id: id, Removed: true})
 }

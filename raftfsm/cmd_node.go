@@ -15,7 +15,7 @@ func init() {
 
 func applyPutNode(c *applyCtx, m *pb.PutNode) (uint64, error) {
 	n := m.GetNode()
-	if n == nil || n.Id == "" || n.RaftAddr == "" || n.HttpAddr == "" {
+	if n == nil || n.Id == "" || !n.Removed && (n.RaftAddr == "" || n.HttpAddr == "") {
 		return 0, fmt.Errorf("%w: a node needs an id, a Raft address and an HTTP address", ErrInvalid)
 	}
 	return 0, c.txn.Insert(tableNodes, proto.Clone(n))
