@@ -191,6 +191,9 @@ func TestAPIConformsToSpecs(t *testing.T) {
 	tc := startCluster(t, 3, withCacheKey(t), withAgents, func(_ int, cfg *Config) {
 		cfg.MaxBodyBytes = 256 << 10
 		cfg.MaxReadWait = 300 * time.Millisecond
+		// The fake agent heartbeats only when the test says: it must stay
+		// live (seen within a TTL) however slow the machine is.
+		cfg.LeaseTTL = time.Minute
 	})
 	_, f := tc.follower()
 	_, l := tc.leader(5 * time.Second)
