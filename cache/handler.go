@@ -99,26 +99,40 @@ type Handler struct {
 	// are immutable (a new one is a new pointer), so the pointer is the
 	// key; the map is dropped whole when it fills up.
 	encMu   sync.Mutex
-	encoded map[*pb.NarInfo][]byte
+	encoded map[*pb.NarInfo]*encodedNarInfo
 }
+
+// encodedNarInfo is a record's answer, ready to send: its text and the
+// header values that go with it (shared, never modified).
+type encodedNarInfo struct {
+	text         []byte
+	etag, length []string
+}
+
+// Header values shared by every answer (net/http never modifies them).
+var (
+	hdrNarInfoType = []string{"text/x-nix-narinfo"}
+	hdrRecordCC    = []string{ccRecord}
+)
 
 const maxEncoded = 16384
 
-func (h *Handler) narInfoText(rec *pb.NarInfo) []byte {
+func (h *Handler) narInfoText(rec *pb.NarInfo) *encodedNarInfo {
 	h.encMu.Lock()
-	b, ok := h.encoded[rec]
+	e, ok := h.encoded[rec]
 	h.encMu.Unlock()
 	if ok {
-		return b
+		return e
 	}
-	b = AppendNarInfo(make([]byte, 0, 512), rec)
+	b := AppendNarInfo(make([]byte, 0, 512), rec)
+	e = &encodedNarInfo{text: b, etag: []string{`"` + rec.Blob[:32] + `"`}, length: []string{strconv.Itoa(len(b))}}
 	h.encMu.Lock()
 	if len(h.encoded) >= maxEncoded {
-		h.encoded = map[*pb.NarInfo][]byte{}
+		h.encoded = map[*pb.NarInfo]*encodedNarInfo{}
 	}
-	h.encoded[rec] = b
+	h.encoded[rec] = e
 	h.encMu.Unlock()
-	return b
+	return e
 }
 
 // Defaults for Config's size bounds.
@@ -145,7 +159,7 @@ func NewHandler(cfg Config) *Handler {
 		cfg.Metrics = noMetrics{}
 	}
 	info := fmt.Sprintf("StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n", raftfsm.StoreDir, cfg.Priority)
-	return &Handler{cfg: cfg, cacheInfo: []byte(info), encoded: map[*pb.NarInfo][]byte{}}
+	return &Handler{cfg: cfg, cacheInfo: []byte(info), encoded: map[*pb.NarInfo]*encodedNarInfo{}}
 }
 
 const (
@@ -258,7 +272,20 @@ func (h *Handler) serveNarInfo(w http.ResponseWriter, r *http.Request, hashPart 
 		h.fail(w, r, err)
 		return
 	}
-	h.serveBytes(w, r, "text/x-nix-narinfo", ccRecord, `"`+rec.Blob[:32]+`"`, h.narInfoText(rec))
+	e := h.narInfoText(rec)
+	hd := w.Header()
+	hd["Content-Type"] = hdrNarInfoType
+	hd["Cache-Control"] = hdrRecordCC
+	hd["Etag"] = e.etag
+	if inm := r.Header["If-None-Match"]; len(inm) > 0 && inm[0] == e.etag[0] {
+		w.WriteHeader(http.StatusNotModified)
+		return
+	}
+	hd["Content-Length"] = e.length
+	w.WriteHeader(http.StatusOK)
+	if r.Method != http.MethodHead {
+		_, _ = w.Write(e.text)
+	}
 }
 
 func (h *Handler) serveNar(w http.ResponseWriter, r *http.Request, blob string) {

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"io"
 	"net/http"
+	"strings"
 	"time"
 
 	"connectrpc.com/connect"
@@ -72,7 +73,7 @@ func (c *Coordinator) newHTTPServer() *http.Server {
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true)
 	return &http.Server{
-		Handler:           mux,
+		Handler:           cacheFirst(c.cacheHandler, mux),
 		Protocols:         &protocols,
 		ReadHeaderTimeout: 10 * time.Second,
 		IdleTimeout:       2 * time.Minute,
@@ -142,6 +143,19 @@ func (c *Coordinator) handleCluster(w http.ResponseWriter, r *http.Request) {
 		out.Members = append(out.Members, cm)
 	}
 	web.WriteJSON(w, http.StatusOK, out)
+}
+
+// cacheFirst sends /cache/ requests straight to the cache handler, the
+// hottest path (Nix clients ask for narinfo by the thousand), without the
+// mux's pattern matching. The cache's router is strict about its paths.
+func cacheFirst(cache http.Handler, next http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		if strings.HasPrefix(r.URL.Path, "/cache/") {
+			cache.ServeHTTP(w, r)
+			return
+		}
+		next.ServeHTTP(w, r)
+	})
 }
 
 // idleReads bounds how long a request body may stall: before each read of

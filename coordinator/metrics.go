@@ -26,6 +26,7 @@ type metrics struct {
 	narBytesOut    prometheus.Counter
 	commitDuration prometheus.Histogram
 	cacheRequests  *prometheus.CounterVec
+	cacheCounters  map[cacheKind]prometheus.Counter
 }
 
 func newMetrics(c *Coordinator) *metrics {
@@ -42,6 +43,11 @@ func newMetrics(c *Coordinator) *metrics {
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 14)})
 	m.cacheRequests = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_cache_requests_total", Help: "Binary cache GET/HEAD requests by kind and result (hit or miss)."},
 		[]string{"kind", "result"})
+	m.cacheCounters = map[cacheKind]prometheus.Counter{}
+	for _, kind := range []string{"narinfo", "nar", "log"} {
+		m.cacheCounters[cacheKind{kind, true}] = m.cacheRequests.WithLabelValues(kind, "hit")
+		m.cacheCounters[cacheKind{kind, false}] = m.cacheRequests.WithLabelValues(kind, "miss")
+	}
 	m.reg.MustRegister(m.leasesGranted, m.leasesExpired, m.stepDuration, m.submitToLease, m.narBytesIn, m.narBytesOut, m.commitDuration, m.cacheRequests,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), stateCollector{c})
 	return m
@@ -128,11 +134,20 @@ func (s stateCollector) Collect(ch chan<- prometheus.Metric) {
 
 // Request counts a cache GET/HEAD (cache.Metrics).
 func (m *metrics) Request(kind string, hit bool) {
+	if c, ok := m.cacheCounters[cacheKind{kind, hit}]; ok {
+		c.Inc() // the common kinds, looked up once
+		return
+	}
 	result := "miss"
 	if hit {
 		result = "hit"
 	}
 	m.cacheRequests.WithLabelValues(kind, result).Inc()
+}
+
+type cacheKind struct {
+	kind string
+	hit  bool
 }
 
 // Uploaded counts NAR bytes accepted (cache.Metrics).
