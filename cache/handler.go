@@ -93,42 +93,43 @@ func (c *countingWriter) ReadFrom(r io.Reader) (int64, error) {
 // Handler serves the binary cache under /cache/ and accepts pushes.
 type Handler struct {
 	cfg       Config
-	cacheInfo []byte
+	cacheInfo *prepared
 
 	// encoded keeps the .narinfo text of records recently served. Records
 	// are immutable (a new one is a new pointer), so the pointer is the
 	// key; the map is dropped whole when it fills up.
 	encMu   sync.Mutex
-	encoded map[*pb.NarInfo]*encodedNarInfo
+	encoded map[*pb.NarInfo]*prepared
 }
 
-// encodedNarInfo is a record's answer, ready to send: its text and the
-// header values that go with it (shared, never modified).
-type encodedNarInfo struct {
-	text         []byte
-	etag, length []string
+// prepared is an answer ready to send: its body and the header values
+// that go with it, shared by every response (net/http never modifies them).
+type prepared struct {
+	body                    []byte
+	ctype, cc, etag, length []string // etag nil: none
 }
 
-// Header values shared by every answer (net/http never modifies them).
-var (
-	hdrNarInfoType = []string{"text/x-nix-narinfo"}
-	hdrRecordCC    = []string{ccRecord}
-)
+func prepare(ctype, cc, etag string, body []byte) *prepared {
+	p := &prepared{body: body, ctype: []string{ctype}, cc: []string{cc}, length: []string{strconv.Itoa(len(body))}}
+	if etag != "" {
+		p.etag = []string{etag}
+	}
+	return p
+}
 
 const maxEncoded = 16384
 
-func (h *Handler) narInfoText(rec *pb.NarInfo) *encodedNarInfo {
+func (h *Handler) narInfoText(rec *pb.NarInfo) *prepared {
 	h.encMu.Lock()
 	e, ok := h.encoded[rec]
 	h.encMu.Unlock()
 	if ok {
 		return e
 	}
-	b := AppendNarInfo(make([]byte, 0, 512), rec)
-	e = &encodedNarInfo{text: b, etag: []string{`"` + rec.Blob[:32] + `"`}, length: []string{strconv.Itoa(len(b))}}
+	e = prepare("text/x-nix-narinfo", ccRecord, `"`+rec.Blob[:32]+`"`, AppendNarInfo(make([]byte, 0, 512), rec))
 	h.encMu.Lock()
 	if len(h.encoded) >= maxEncoded {
-		h.encoded = map[*pb.NarInfo]*encodedNarInfo{}
+		h.encoded = map[*pb.NarInfo]*prepared{}
 	}
 	h.encoded[rec] = e
 	h.encMu.Unlock()
@@ -159,7 +160,7 @@ func NewHandler(cfg Config) *Handler {
 		cfg.Metrics = noMetrics{}
 	}
 	info := fmt.Sprintf("StoreDir: %s\nWantMassQuery: 1\nPriority: %d\n", raftfsm.StoreDir, cfg.Priority)
-	return &Handler{cfg: cfg, cacheInfo: []byte(info), encoded: map[*pb.NarInfo]*encodedNarInfo{}}
+	return &Handler{cfg: cfg, cacheInfo: prepare("text/x-nix-cache-info", ccRecord, "", []byte(info)), encoded: map[*pb.NarInfo]*prepared{}}
 }
 
 const (
@@ -184,7 +185,7 @@ func (h *Handler) ServeHTTP(w http.ResponseWriter, r *http.Request) {
 	case http.MethodGet, http.MethodHead:
 		switch rt.Kind {
 		case RouteCacheInfo:
-			h.serveBytes(w, r, "text/x-nix-cache-info", ccRecord, "", h.cacheInfo)
+			servePrepared(w, r, h.cacheInfo)
 		case RouteNarInfo:
 			h.serveNarInfo(w, r, rt.Key)
 		case RouteNar:
@@ -246,22 +247,23 @@ func writeJSONError(w http.ResponseWriter, status int, msg string) {
 	_ = json.NewEncoder(w).Encode(map[string]string{"error": msg})
 }
 
-func (h *Handler) serveBytes(w http.ResponseWriter, r *http.Request, ctype, cc, etag string, body []byte) {
+// servePrepared sends a prepared answer: 304 when the client has it (its
+// ETag), no body for HEAD.
+func servePrepared(w http.ResponseWriter, r *http.Request, p *prepared) {
 	hd := w.Header()
-	hd["Content-Type"] = []string{ctype}
-	hd["Cache-Control"] = []string{cc}
-	hd["Content-Length"] = []string{strconv.Itoa(len(body))}
-	if etag != "" {
-		hd["Etag"] = []string{etag}
-		if inm := r.Header.Get("If-None-Match"); inm != "" && inm == etag {
-			delete(hd, "Content-Length")
+	hd["Content-Type"] = p.ctype
+	hd["Cache-Control"] = p.cc
+	if p.etag != nil {
+		hd["Etag"] = p.etag
+		if inm := r.Header["If-None-Match"]; len(inm) > 0 && inm[0] == p.etag[0] {
 			w.WriteHeader(http.StatusNotModified)
 			return
 		}
 	}
+	hd["Content-Length"] = p.length
 	w.WriteHeader(http.StatusOK)
 	if r.Method != http.MethodHead {
-		_, _ = w.Write(body)
+		_, _ = w.Write(p.body)
 	}
 }
 
@@ -272,20 +274,7 @@ func (h *Handler) serveNarInfo(w http.ResponseWriter, r *http.Request, hashPart 
 		h.fail(w, r, err)
 		return
 	}
-	e := h.narInfoText(rec)
-	hd := w.Header()
-	hd["Content-Type"] = hdrNarInfoType
-	hd["Cache-Control"] = hdrRecordCC
-	hd["Etag"] = e.etag
-	if inm := r.Header["If-None-Match"]; len(inm) > 0 && inm[0] == e.etag[0] {
-		w.WriteHeader(http.StatusNotModified)
-		return
-	}
-	hd["Content-Length"] = e.length
-	w.WriteHeader(http.StatusOK)
-	if r.Method != http.MethodHead {
-		_, _ = w.Write(e.text)
-	}
+	servePrepared(w, r, h.narInfoText(rec))
 }
 
 func (h *Handler) serveNar(w http.ResponseWriter, r *http.Request, blob string) {

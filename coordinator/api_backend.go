@@ -37,22 +37,11 @@ func (c *Coordinator) CatchUp(ctx context.Context) error {
 	if err != nil {
 		return err
 	}
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/api/v1/cluster", nil)
+	v, err := c.peerCluster(ctx, addr)
 	if err != nil {
-		return err
+		return fmt.Errorf("%w: the leader did not say its commit index: %v", raftfsm.ErrUnavailable, err)
 	}
-	resp, err := c.blobClient.Do(req)
-	if err != nil {
-		return fmt.Errorf("%w: %v", raftfsm.ErrUnavailable, err)
-	}
-	defer resp.Body.Close()
-	var body struct {
-		CommitIndex uint64 `json:"commit_index"`
-	}
-	if resp.StatusCode != http.StatusOK || json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 1<<20)).Decode(&body) != nil {
-		return fmt.Errorf("%w: the leader did not say its commit index", raftfsm.ErrUnavailable)
-	}
-	return c.fsm.waitApplied(ctx, body.CommitIndex)
+	return c.fsm.waitApplied(ctx, v.CommitIndex)
 }
 
 // ServeLog writes a stored build log from this node's blob store.
@@ -104,21 +93,8 @@ func (c *Coordinator) LiveAgents(ctx context.Context) (map[string]time.Time, boo
 	}
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+"/internal/v1/agents/live", nil)
-	if err != nil {
-		return nil, false
-	}
-	req.Header.Set("Authorization", "Bearer "+c.cfg.AdminToken)
-	resp, err := c.blobClient.Do(req)
-	if err != nil {
-		return nil, false
-	}
-	defer resp.Body.Close()
-	if resp.StatusCode != http.StatusOK {
-		return nil, false
-	}
 	var out map[string]time.Time
-	if err := json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 4<<20)).Decode(&out); err != nil {
+	if err := c.getPeerJSON(ctx, addr, "/internal/v1/agents/live", 4<<20, &out); err != nil {
 		return nil, false
 	}
 	return out, true
@@ -136,6 +112,12 @@ func (c *Coordinator) handleLiveAgents(w http.ResponseWriter, r *http.Request) {
 		return
 	}
 	web.WriteJSON(w, http.StatusOK, m)
+}
+
+// Leader is the ID of the leader this node knows ("" when none).
+func (c *Coordinator) Leader() string {
+	_, id := c.raft.LeaderWithID()
+	return string(id)
 }
 
 // Cluster describes the coordinators (each asked for its applied index,
@@ -183,21 +165,44 @@ func (c *Coordinator) Cluster(ctx context.Context) web.ClusterStatus {
 
 // askPeer fills in a peer's Raft state and applied index from its /api/v1/cluster.
 func (c *Coordinator) askPeer(ctx context.Context, cs *web.CoordinatorStatus) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+cs.HTTPAddr+"/api/v1/cluster", nil)
-	if err != nil {
-		return
+	if v, err := c.peerCluster(ctx, cs.HTTPAddr); err == nil {
+		cs.RaftState, cs.AppliedIndex, cs.Reachable = v.State, v.AppliedIndex, true
 	}
+}
+
+// peerView is what a coordinator's /api/v1/cluster says of its Raft node.
+type peerView struct {
+	State        string            `json:"state"`
+	Leader       string            `json:"leader"`
+	AppliedIndex uint64            `json:"applied_index"`
+	CommitIndex  uint64            `json:"commit_index"`
+	Members      []json.RawMessage `json:"members"`
+}
+
+// peerCluster reads another coordinator's /api/v1/cluster.
+func (c *Coordinator) peerCluster(ctx context.Context, addr string) (*peerView, error) {
+	var v peerView
+	if err := c.getPeerJSON(ctx, addr, "/api/v1/cluster", 1<<20, &v); err != nil {
+		return nil, err
+	}
+	return &v, nil
+}
+
+// getPeerJSON GETs path from the coordinator at addr (with the cluster
+// credential) and decodes at most limit bytes of JSON into out.
+func (c *Coordinator) getPeerJSON(ctx context.Context, addr, path string, limit int64, out any) error {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://"+addr+path, nil)
+	if err != nil {
+		return err
+	}
+	req.Header.Set("Authorization", "Bearer "+c.cfg.AdminToken)
 	resp, err := c.blobClient.Do(req)
 	if err != nil {
-		return
+		return fmt.Errorf("%w: %v", raftfsm.ErrUnavailable, err)
 	}
 	defer resp.Body.Close()
-	var body struct {
-		State        string `json:"state"`
-		AppliedIndex uint64 `json:"applied_index"`
+	if resp.StatusCode != http.StatusOK {
+		return fmt.Errorf("%w: %s%s answered %s", raftfsm.ErrUnavailable, addr, path, resp.Status)
 	}
-	if resp.StatusCode != http.StatusOK || json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 1<<20)).Decode(&body) != nil {
-		return
-	}
-	cs.RaftState, cs.AppliedIndex, cs.Reachable = body.State, body.AppliedIndex, true
+	return json.NewDecoder(http.MaxBytesReader(nil, resp.Body, limit)).Decode(out)
 }

@@ -432,7 +432,7 @@ func (c *Coordinator) members() ([]*kilnv1.Member, string, error) {
 	for _, srv := range f.Configuration().Servers {
 		m := &kilnv1.Member{Id: string(srv.ID), RaftAddr: string(srv.Address), Voter: srv.Suffrage == raft.Voter, Leader: srv.ID == leader}
 		if n, err := r.Node(string(srv.ID)); err == nil {
-			m.HttpAddr = n.HttpAddr
+			m.HttpAddr, m.GossipAddr = n.HttpAddr, n.GossipAddr
 		}
 		out = append(out, m)
 	}

@@ -49,7 +49,6 @@ func (c *Coordinator) newHTTPServer() *http.Server {
 		SessionKey:   sessionKey(c.cfg.AdminToken),
 		MaxBodyBytes: c.cfg.MaxBodyBytes,
 		MaxWait:      c.cfg.MaxReadWait,
-		Logger:       c.log,
 		Routes: map[string]http.Handler{
 			"GET /api/v1/cluster":            http.HandlerFunc(c.handleCluster),
 			"GET /api/v1/cache/scrub":        http.HandlerFunc(c.handleScrub),
@@ -136,11 +135,7 @@ func (c *Coordinator) handleCluster(w http.ResponseWriter, r *http.Request) {
 		Members      []clusterMember `json:"members"`
 	}{Node: c.id, State: c.raft.State().String(), Leader: leader, AppliedIndex: c.fsm.AppliedIndex(), CommitIndex: c.raft.CommitIndex(), Members: []clusterMember{}}
 	for _, m := range ms {
-		cm := clusterMember{ID: m.Id, RaftAddr: m.RaftAddr, HTTPAddr: m.HttpAddr, Voter: m.Voter, Leader: m.Leader}
-		if n, err := c.fsm.Read().Node(m.Id); err == nil {
-			cm.GossipAddr = n.GossipAddr
-		}
-		out.Members = append(out.Members, cm)
+		out.Members = append(out.Members, clusterMember{ID: m.Id, RaftAddr: m.RaftAddr, HTTPAddr: m.HttpAddr, GossipAddr: m.GossipAddr, Voter: m.Voter, Leader: m.Leader})
 	}
 	web.WriteJSON(w, http.StatusOK, out)
 }

@@ -2,8 +2,6 @@ package coordinator
 
 import (
 	"context"
-	"encoding/json"
-	"net/http"
 	"slices"
 	"time"
 
@@ -178,24 +176,9 @@ func (c *Coordinator) peerHasCluster(ctx context.Context) bool {
 			continue
 		}
 		rctx, cancel := context.WithTimeout(ctx, 2*time.Second)
-		req, err := http.NewRequestWithContext(rctx, http.MethodGet, "http://"+m.Meta.HTTPAddr+"/api/v1/cluster", nil)
-		if err != nil {
-			cancel()
-			continue
-		}
-		resp, err := c.blobClient.Do(req)
-		if err != nil {
-			cancel()
-			continue
-		}
-		var body struct {
-			Leader  string            `json:"leader"`
-			Members []json.RawMessage `json:"members"`
-		}
-		err = json.NewDecoder(http.MaxBytesReader(nil, resp.Body, 1<<20)).Decode(&body)
-		resp.Body.Close()
+		v, err := c.peerCluster(rctx, m.Meta.HTTPAddr)
 		cancel()
-		if err == nil && (body.Leader != "" || len(body.Members) > 0) {
+		if err == nil && (v.Leader != "" || len(v.Members) > 0) {
 			return true
 		}
 	}

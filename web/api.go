@@ -3,7 +3,6 @@ package web
 import (
 	"context"
 	"fmt"
-	"log/slog"
 	"net/http"
 	"strconv"
 	"time"
@@ -17,7 +16,6 @@ import (
 // Backend is what the API needs from a coordinator.
 type Backend interface {
 	SubmitBuild(ctx context.Context, m *pb.SubmitBuild) (*pb.Build, error)
-	CancelBuild(ctx context.Context, id uint64, reason string) (*pb.Build, error)
 	// Apply commits commands through Raft from any node (the leader
 	// stamps times and build IDs) and returns once they are applied here.
 	Apply(ctx context.Context, cmds ...*pb.Command) (*raftfsm.EntryResult, error)
@@ -34,8 +32,10 @@ type Backend interface {
 	// LiveAgents maps each agent heard from recently to when it was last
 	// heard from; known is false when the leader could not be asked.
 	LiveAgents(ctx context.Context) (last map[string]time.Time, known bool)
-	// Cluster describes the coordinators and the cache.
+	// Cluster describes the coordinators (each asked) and the cache.
 	Cluster(ctx context.Context) ClusterStatus
+	// Leader is the ID of the leader this node knows ("" when none).
+	Leader() string
 	// GossipAgents maps agent IDs to their state in the gossip pool
 	// ("alive", "dead", "left"); nil when this node is not in one.
 	GossipAgents() map[string]string
@@ -54,7 +54,6 @@ type Config struct {
 	MaxBodyBytes int64
 	// MaxWait bounds how long a read waits for a requested index (5 s).
 	MaxWait time.Duration
-	Logger  *slog.Logger
 	// Routes adds handlers served like the API's own (pattern → handler):
 	// JSON 404/405, X-Kiln-Index, X-Kiln-Min-Index.
 	Routes map[string]http.Handler
@@ -72,9 +71,6 @@ func NewAPI(cfg Config) http.Handler {
 	}
 	if cfg.MaxWait <= 0 {
 		cfg.MaxWait = 5 * time.Second
-	}
-	if cfg.Logger == nil {
-		cfg.Logger = slog.Default()
 	}
 	a := &api{cfg: cfg, mux: http.NewServeMux()}
 	a.routesHydra()

@@ -75,18 +75,9 @@ func (a *api) hydraProjects(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *api) hydraGetProject(w http.ResponseWriter, r *http.Request) {
-	rd := a.cfg.Backend.Read()
-	p, err := rd.Project(r.PathValue("project"))
-	if err != nil {
-		WriteError(w, err)
-		return
+	if p, js, ok := a.projectOf(w, r); ok {
+		WriteJSON(w, http.StatusOK, toHydraProject(p, js))
 	}
-	js, err := rd.Jobsets(p.Name)
-	if err != nil {
-		WriteError(w, err)
-		return
-	}
-	WriteJSON(w, http.StatusOK, toHydraProject(p, js))
 }
 
 // flexBool takes what Hydra's forms and clients send for a flag: a JSON

@@ -149,18 +149,26 @@ func (a *api) listProjects(w http.ResponseWriter, r *http.Request) {
 }
 
 func (a *api) getProject(w http.ResponseWriter, r *http.Request) {
+	if p, js, ok := a.projectOf(w, r); ok {
+		WriteJSON(w, http.StatusOK, projectJSON(p, js))
+	}
+}
+
+// projectOf reads the project named in the path and its jobsets,
+// answering the error itself.
+func (a *api) projectOf(w http.ResponseWriter, r *http.Request) (*pb.Project, []*pb.Jobset, bool) {
 	rd := a.cfg.Backend.Read()
 	p, err := rd.Project(r.PathValue("project"))
 	if err != nil {
 		WriteError(w, err)
-		return
+		return nil, nil, false
 	}
 	js, err := rd.Jobsets(p.Name)
 	if err != nil {
 		WriteError(w, err)
-		return
+		return nil, nil, false
 	}
-	WriteJSON(w, http.StatusOK, projectJSON(p, js))
+	return p, js, true
 }
 
 type projectIn struct {
@@ -775,7 +783,7 @@ func (a *api) listSteps(w http.ResponseWriter, r *http.Request) {
 	wc := a.waitingReasons(r.Context(), rd)
 	out := make([]StepJSON, len(items))
 	for i, s := range items {
-		out[i] = a.stepJSON(rd, s, wc)
+		out[i] = stepJSON(rd, s, wc)
 	}
 	WriteJSON(w, http.StatusOK, map[string]any{"items": out, "meta": meta(r.URL, pg, perPage, total)})
 }
@@ -802,7 +810,7 @@ func (a *api) getStep(w http.ResponseWriter, r *http.Request) {
 	if !ok {
 		return
 	}
-	WriteJSON(w, http.StatusOK, a.stepJSON(rd, s, a.waitingReasons(r.Context(), rd)))
+	WriteJSON(w, http.StatusOK, stepJSON(rd, s, a.waitingReasons(r.Context(), rd)))
 }
 
 // LogJSON describes one stored attempt's log.

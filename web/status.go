@@ -154,9 +154,7 @@ func (a *api) status(w http.ResponseWriter, r *http.Request) {
 			if q == nil {
 				q = &QueueJSON{System: s.System, Features: nonNil(s.RequiredFeatures)}
 				// Whether a runnable step of this kind would be leased now.
-				probe := &pb.Step{State: pb.StepState_STEP_STATE_RUNNABLE, System: s.System, RequiredFeatures: s.RequiredFeatures}
-				q.Reason = wc.reason(rd, probe)
-				q.CanBuildNow = q.Reason == "about to be leased"
+				q.Reason, q.CanBuildNow = wc.placement(s.System, s.RequiredFeatures)
 				if q.CanBuildNow {
 					q.Reason = ""
 				}
@@ -182,14 +180,14 @@ func (a *api) status(w http.ResponseWriter, r *http.Request) {
 // statusShort is 200 {"ok":true}, or 503 with the reason when there is no
 // leader or no live agent.
 func (a *api) statusShort(w http.ResponseWriter, r *http.Request) {
-	cl := a.cfg.Backend.Cluster(r.Context())
+	leader := a.cfg.Backend.Leader()
 	var reasons []string
-	if cl.Leader == "" {
+	if leader == "" {
 		reasons = append(reasons, "no leader")
 	}
 	last, known := a.cfg.Backend.LiveAgents(r.Context())
 	switch {
-	case !known && cl.Leader != "":
+	case !known && leader != "":
 		reasons = append(reasons, "the leader did not say which agents are live")
 	case known && len(last) == 0:
 		reasons = append(reasons, "no live agent")

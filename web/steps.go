@@ -40,7 +40,7 @@ var stepStates = map[pb.StepState]string{
 	pb.StepState_STEP_STATE_FAILED: "failed", pb.StepState_STEP_STATE_CANCELLED: "cancelled",
 }
 
-func (a *api) stepJSON(rd *raftfsm.Reader, s *pb.Step, wr *waitContext) StepJSON {
+func stepJSON(rd *raftfsm.Reader, s *pb.Step, wr *waitContext) StepJSON {
 	j := StepJSON{DrvPath: s.DrvPath, System: s.System, RequiredFeatures: s.RequiredFeatures, State: stepStates[s.State],
 		Tries: s.Tries, Attempts: s.Attempts, LastError: s.LastError, Outputs: map[string]string{}, CreatedAt: s.CreatedAt,
 		StartedAt: s.StartedAt, FinishedAt: s.FinishedAt, NotBefore: s.NotBefore, PendingInputs: s.PendingInputs,
@@ -111,35 +111,42 @@ func (wc *waitContext) reason(rd *raftfsm.Reader, s *pb.Step) string {
 	if s.NotBefore > wc.now.Unix() {
 		return "backing off after a transient failure until " + time.Unix(s.NotBefore, 0).UTC().Format(time.RFC3339)
 	}
+	reason, _ := wc.placement(s.System, s.RequiredFeatures)
+	return reason
+}
+
+// placement says whether a runnable step of this system and feature set
+// would be leased now, and if not, why.
+func (wc *waitContext) placement(system string, features []string) (reason string, now bool) {
 	if !wc.known {
-		return "runnable; which agents are live is unknown (no leader reachable)"
+		return "runnable; which agents are live is unknown (no leader reachable)", false
 	}
 	var forSystem, fitting []*pb.Agent
 	for _, ag := range wc.agents {
-		if slices.Contains(ag.Systems, s.System) {
+		if slices.Contains(ag.Systems, system) {
 			forSystem = append(forSystem, ag)
 		}
-		if raftfsm.Fits(ag, s.System, s.RequiredFeatures) {
+		if raftfsm.Fits(ag, system, features) {
 			fitting = append(fitting, ag)
 		}
 	}
 	if len(forSystem) == 0 {
-		return "no agent for system " + s.System
+		return "no agent for system " + system, false
 	}
 	if len(fitting) == 0 {
-		for _, f := range s.RequiredFeatures {
+		for _, f := range features {
 			if !slices.ContainsFunc(forSystem, func(ag *pb.Agent) bool { return slices.Contains(ag.SupportedFeatures, f) }) {
-				return "no agent with feature " + f
+				return "no agent with feature " + f, false
 			}
 		}
-		return "no agent for system " + s.System + " with exactly these mandatory features"
+		return "no agent for system " + system + " with exactly these mandatory features", false
 	}
 	for _, ag := range fitting {
 		if wc.leases[ag.Id] < int(max(ag.MaxJobs, 1)) {
-			return "about to be leased"
+			return "about to be leased", true
 		}
 	}
-	return fmt.Sprintf("all fitting agents busy (%d)", len(fitting))
+	return fmt.Sprintf("all fitting agents busy (%d)", len(fitting)), false
 }
 
 // buildSteps lists the steps of a build's derivation closure, in a
@@ -158,7 +165,7 @@ func (a *api) buildSteps(w http.ResponseWriter, r *http.Request) {
 	wr := a.waitingReasons(r.Context(), rd)
 	out := make([]StepJSON, len(steps))
 	for i, s := range steps {
-		out[i] = a.stepJSON(rd, s, wr)
+		out[i] = stepJSON(rd, s, wr)
 	}
 	WriteJSON(w, http.StatusOK, map[string]any{"build": b.Id, "steps": out})
 }
