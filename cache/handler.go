@@ -244,7 +244,13 @@ func writeJSONError(w http.ResponseWriter, status int, msg string) {
 	w.Header().Set("Content-Type", "application/json")
 	w.Header().Set("X-Content-Type-Options", "nosniff")
 	w.WriteHeader(status)
-	_ = json.NewEncoder(w).Encode(map[string]string{"error": msg})
+	_, _ = w.Write(jsonErrorBody(msg))
+}
+
+// jsonErrorBody is the body of an error answer: {"error": msg} and a newline.
+func jsonErrorBody(msg string) []byte {
+	b, _ := json.Marshal(map[string]string{"error": msg})
+	return append(b, '\n')
 }
 
 // servePrepared sends a prepared answer: 304 when the client has it (its

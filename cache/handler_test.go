@@ -22,6 +22,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -280,7 +281,9 @@ func (p *fakePublisher) published() int {
 // ---- the cache under test ----
 
 type testCache struct {
-	srv    *httptest.Server
+	srv    *httptest.Server // narinfo GETs on the fast path, as on a coordinator
+	plain  *httptest.Server // the same handler behind net/http alone
+	handed atomic.Int64     // connections srv's fast path gave to net/http
 	idx    *fakeIndex
 	pub    *fakePublisher
 	blobs  *cache.FSBlobStore
@@ -323,10 +326,21 @@ func newTestCache(t *testing.T) *testCache {
 		MaxLogSize: 1 << 16,
 	})
 	// The handler is the server's whole handler: no ServeMux cleans
-	// paths or redirects before it sees them.
-	srv := httptest.NewServer(h)
-	t.Cleanup(srv.Close)
-	return &testCache{srv: srv, idx: idx, pub: pub, blobs: blobs, base: base, pubKey: pubKey}
+	// paths or redirects before it sees them. Narinfo GETs take the fast
+	// path, as on a coordinator.
+	c := &testCache{idx: idx, pub: pub, blobs: blobs, base: base, pubKey: pubKey}
+	c.srv = httptest.NewUnstartedServer(h)
+	c.srv.Listener = h.NewFastListener(c.srv.Listener, cache.FastOptions{})
+	c.srv.Config.ConnState = func(_ net.Conn, s http.ConnState) {
+		if s == http.StateNew {
+			c.handed.Add(1)
+		}
+	}
+	c.srv.Start()
+	t.Cleanup(c.srv.Close)
+	c.plain = httptest.NewServer(h)
+	t.Cleanup(c.plain.Close)
+	return c
 }
 
 type reqOpt func(*http.Request)

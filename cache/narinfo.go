@@ -7,7 +7,6 @@ import (
 	"io"
 	"slices"
 	"strconv"
-	"strings"
 
 	"github.com/nix-community/go-nix/pkg/narinfo"
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
@@ -170,16 +169,26 @@ func AppendNarInfo(b []byte, rec *pb.NarInfo) []byte {
 }
 
 // NarInfoHashFromURL checks the "<hash>.narinfo" part of a URL path.
-func validHashPart(h string) bool {
+func validHashPart(h string) bool { return validHashPartBytes(h) }
+
+// validHashPartBytes is validHashPart for the fast path's bytes.
+func validHashPartBytes[T string | []byte](h T) bool {
 	if len(h) != 32 {
 		return false
 	}
-	for _, c := range []byte(h) {
-		if !strings.ContainsRune(nixBase32Alphabet, rune(c)) {
+	for i := range len(h) {
+		if !nixBase32Valid[h[i]] {
 			return false
 		}
 	}
 	return true
 }
+
+var nixBase32Valid = func() (t [256]bool) {
+	for _, c := range []byte(nixBase32Alphabet) {
+		t[c] = true
+	}
+	return t
+}()
 
 const nixBase32Alphabet = "0123456789abcdfghijklmnpqrsvwxyz"

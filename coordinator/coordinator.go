@@ -160,8 +160,11 @@ func (c *Coordinator) Start() error {
 		return fmt.Errorf("gossip: %w", err)
 	}
 	c.srv = c.newHTTPServer()
+	// Narinfo GETs are answered off the connection; everything else is
+	// handed to net/http (cache.FastListener).
+	fast := c.cacheHandler.NewFastListener(ln, cache.FastOptions{IdleTimeout: c.srv.IdleTimeout, HeaderTimeout: c.srv.ReadHeaderTimeout})
 	c.goLoop(func() {
-		if err := c.srv.Serve(ln); err != nil && !errors.Is(err, http.ErrServerClosed) {
+		if err := c.srv.Serve(fast); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			c.log.Error("http server stopped", "err", err)
 		}
 	})
