@@ -233,15 +233,8 @@ func TestFastPathConnectionSequence(t *testing.T) {
 // left idle are both closed by the server.
 func TestFastPathTimeouts(t *testing.T) {
 	c := newTestCache(t)
-	h := c.handler(t)
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
-	fl := h.NewFastListener(ln, cache.FastOptions{HeaderTimeout: 100 * time.Millisecond, IdleTimeout: 300 * time.Millisecond})
-	srv := &http.Server{Handler: h}
-	go func() { _ = srv.Serve(fl) }()
-	t.Cleanup(func() { _ = srv.Close() })
+	addr := serveFast(t, c.handler(t), &http.Server{Handler: c.handler(t)},
+		cache.FastOptions{HeaderTimeout: 100 * time.Millisecond, IdleTimeout: 300 * time.Millisecond})
 
 	for _, tt := range []struct{ name, send string }{
 		{"partial header", "GET /cache/" + strings.Repeat("0", 32) + ".narinfo HTTP/1.1\r\nHost: x\r\n"},
@@ -249,7 +242,7 @@ func TestFastPathTimeouts(t *testing.T) {
 		{"idle before any request", ""},
 	} {
 		t.Run(tt.name, func(t *testing.T) {
-			conn, err := net.Dial("tcp", ln.Addr().String())
+			conn, err := net.Dial("tcp", addr)
 			if err != nil {
 				t.Fatal(err)
 			}
@@ -327,21 +320,15 @@ func TestFastPathH2C(t *testing.T) {
 	c.push(t, f, ni)
 	want := c.mustStatus(t, http.StatusOK, http.MethodGet, "/cache/"+ni.hashPart()+".narinfo", nil)
 
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	if err != nil {
-		t.Fatal(err)
-	}
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)
 	protocols.SetUnencryptedHTTP2(true)
-	srv := &http.Server{Handler: c.handler(t), Protocols: &protocols}
-	go func() { _ = srv.Serve(c.handler(t).NewFastListener(ln, cache.FastOptions{})) }()
-	t.Cleanup(func() { _ = srv.Close() })
+	addr := serveFast(t, c.handler(t), &http.Server{Handler: c.handler(t), Protocols: &protocols}, cache.FastOptions{})
 
 	var h2 http.Protocols
 	h2.SetUnencryptedHTTP2(true)
 	client := &http.Client{Transport: &http.Transport{Protocols: &h2}, Timeout: 10 * time.Second}
-	resp, err := client.Get("http://" + ln.Addr().String() + "/cache/" + ni.hashPart() + ".narinfo")
+	resp, err := client.Get("http://" + addr + "/cache/" + ni.hashPart() + ".narinfo")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -353,6 +340,19 @@ func TestFastPathH2C(t *testing.T) {
 	if resp.ProtoMajor != 2 || resp.StatusCode != http.StatusOK || !bytes.Equal(body, want) {
 		t.Fatalf("%s %d %q, want HTTP/2 200 %q", resp.Proto, resp.StatusCode, body, want)
 	}
+}
+
+// serveFast serves srv behind h's fast path on a loopback port until the
+// test ends, and returns the address.
+func serveFast(t *testing.T, h *cache.Handler, srv *http.Server, opts cache.FastOptions) string {
+	t.Helper()
+	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	go func() { _ = srv.Serve(h.NewFastListener(ln, opts)) }()
+	t.Cleanup(func() { _ = srv.Close() })
+	return ln.Addr().String()
 }
 
 // handler is the cache handler behind c's servers.
