@@ -5,7 +5,6 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
-	"net"
 	"os"
 	"slices"
 	"strings"
@@ -16,30 +15,21 @@ import (
 	"github.com/hashicorp/raft"
 
 	"github.com/kilnci/kiln/gossip"
+	"github.com/kilnci/kiln/internal/freeport"
 	"github.com/kilnci/kiln/raftfsm"
 	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
 )
 
-// freeGossipAddr finds a loopback port free for both TCP and UDP.
+// freeGossipAddr finds a loopback port free for both TCP and UDP, out of
+// the range the nodes' own ":0" listeners draw from.
 func freeGossipAddr(t testing.TB) string {
 	t.Helper()
-	for i := 0; i < 20; i++ {
-		l, err := net.Listen("tcp", "127.0.0.1:0")
-		if err != nil {
-			t.Fatal(err)
-		}
-		addr := l.Addr().String()
-		u, err := net.ListenPacket("udp", addr)
-		l.Close()
-		if err != nil {
-			continue
-		}
-		u.Close()
-		return addr
+	addr, err := freeport.Loopback(true)
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatal("no free gossip port")
-	return ""
+	return addr
 }
 
 // logBuffer collects a coordinator's log lines for assertions.

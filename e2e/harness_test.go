@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
-	"net"
 	"net/http"
 	"os"
 	"os/exec"
@@ -14,6 +13,8 @@ import (
 	"syscall"
 	"testing"
 	"time"
+
+	"github.com/kilnci/kiln/internal/freeport"
 )
 
 // kilnBin is the binary under test, built once by TestMain.
@@ -37,32 +38,25 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-// freeAddr returns a loopback address with a port that was free a moment ago.
+// freeAddr returns a loopback address with a port that was free a moment
+// ago and that no other address of this test run has (freeport).
 func freeAddr(t *testing.T) string {
 	t.Helper()
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := freeport.Loopback(false)
 	if err != nil {
 		t.Fatal(err)
 	}
-	defer ln.Close()
-	return ln.Addr().String()
+	return addr
 }
 
-// freeGossipAddr returns a loopback address whose port was free a moment
-// ago for both TCP and UDP (memberlist uses both).
+// freeGossipAddr is freeAddr for TCP and UDP (memberlist uses both).
 func freeGossipAddr(t *testing.T) string {
 	t.Helper()
-	for i := 0; i < 20; i++ {
-		addr := freeAddr(t)
-		u, err := net.ListenPacket("udp", addr)
-		if err != nil {
-			continue
-		}
-		u.Close()
-		return addr
+	addr, err := freeport.Loopback(true)
+	if err != nil {
+		t.Fatal(err)
 	}
-	t.Fatal("no free gossip port")
-	return ""
+	return addr
 }
 
 // proc is one running kiln process.

@@ -51,6 +51,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"github.com/kilnci/kiln/internal/freeport"
 )
 
 func main() {
@@ -395,13 +397,18 @@ func (b *bench) buildPaths() (small, large string, err error) {
 	return f[0], f[1], nil
 }
 
+// freePort picks a loopback port that was free a moment ago and that this
+// run has not picked before (freeport).
 func freePort() (int, error) {
-	l, err := net.Listen("tcp", "127.0.0.1:0")
+	addr, err := freeport.Loopback(false)
 	if err != nil {
 		return 0, err
 	}
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port, nil
+	_, p, err := net.SplitHostPort(addr)
+	if err != nil {
+		return 0, err
+	}
+	return strconv.Atoi(p)
 }
 
 func (b *bench) startProcess(name, logName string, bin string, args ...string) (*server, error) {
