@@ -45,6 +45,8 @@ type FSM struct {
 	abandon chan struct{}
 
 	applied atomic.Uint64
+
+	totals totals // build list totals, per version of what was counted
 }
 
 var _ raft.BatchingFSM = (*FSM)(nil)
@@ -210,7 +212,7 @@ func EncodeEntry(cmds []*pb.Command) ([]byte, error) {
 func (f *FSM) Read() *Reader {
 	f.mu.RLock()
 	defer f.mu.RUnlock()
-	return &Reader{txn: f.db.Txn(false), abandon: f.abandon}
+	return &Reader{txn: f.db.Txn(false), abandon: f.abandon, totals: &f.totals}
 }
 
 // swap replaces the whole state (Restore) and wakes every watcher of the old one.

@@ -3,6 +3,9 @@ package raftfsm
 import (
 	"fmt"
 	"slices"
+	"strconv"
+	"strings"
+	"sync"
 
 	"github.com/hashicorp/go-memdb"
 
@@ -14,6 +17,7 @@ import (
 type Reader struct {
 	txn     *memdb.Txn
 	abandon <-chan struct{}
+	totals  *totals // nil: count every time
 }
 
 // Abandon is closed when the state is replaced by a snapshot restore;
@@ -103,6 +107,11 @@ func (r *Reader) Builds(f BuildFilter, offset, limit int) ([]*pb.Build, int, err
 	if err != nil {
 		return nil, 0, err
 	}
+	// The total needs a walk of everything the index range holds; it is
+	// remembered for this version of the range (its watch channel), so
+	// that paging through an unchanged list walks only up to the page.
+	key, version := f.key(), it.WatchCh()
+	known, haveTotal := r.totals.get(key, version)
 	var page []*pb.Build
 	total := 0
 	for o := it.Next(); o != nil; o = it.Next() {
@@ -114,8 +123,67 @@ func (r *Reader) Builds(f BuildFilter, offset, limit int) ([]*pb.Build, int, err
 			page = append(page, b)
 		}
 		total++
+		if haveTotal && total >= offset+limit {
+			break
+		}
 	}
+	if haveTotal {
+		return page, known, nil
+	}
+	r.totals.put(key, version, total)
 	return page, total, nil
+}
+
+// key identifies the filter in the totals cache.
+func (f BuildFilter) key() string {
+	var b strings.Builder
+	for _, s := range []string{f.Project, f.Jobset, f.Job, f.System} {
+		b.WriteString(strconv.Quote(s))
+	}
+	b.WriteString(strconv.Itoa(int(f.State)))
+	for _, st := range f.Statuses {
+		b.WriteString(",")
+		b.WriteString(strconv.Itoa(int(st)))
+	}
+	return b.String()
+}
+
+// totals remembers how many builds matched a filter in one version of the
+// index range it was counted in. A range's watch channel is replaced by
+// any write under it, so an entry found under the same channel is exact.
+type totals struct {
+	mu sync.Mutex
+	m  map[string]countedTotal
+}
+
+type countedTotal struct {
+	version <-chan struct{}
+	n       int
+}
+
+// maxTotals bounds the cache; it is emptied when full.
+const maxTotals = 256
+
+func (t *totals) get(key string, version <-chan struct{}) (int, bool) {
+	if t == nil || version == nil {
+		return 0, false
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	c, ok := t.m[key]
+	return c.n, ok && c.version == version
+}
+
+func (t *totals) put(key string, version <-chan struct{}, n int) {
+	if t == nil || version == nil {
+		return
+	}
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	if t.m == nil || len(t.m) >= maxTotals {
+		t.m = map[string]countedTotal{}
+	}
+	t.m[key] = countedTotal{version: version, n: n}
 }
 
 // BuildsOfDrv lists builds whose top-level derivation is drv.
