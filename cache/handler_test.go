@@ -198,6 +198,7 @@ type fakeIndex struct {
 	mu   sync.Mutex
 	nars map[string]*pb.NarInfo
 	logs map[string]*pb.LogRecord
+	fail error // when set, every narinfo lookup fails with it
 }
 
 func newFakeIndex() *fakeIndex {
@@ -207,6 +208,9 @@ func newFakeIndex() *fakeIndex {
 func (x *fakeIndex) NarInfo(hashPart string) (*pb.NarInfo, error) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
+	if x.fail != nil {
+		return nil, x.fail
+	}
 	n, ok := x.nars[hashPart]
 	if !ok {
 		return nil, fmt.Errorf("%w: no narinfo for %q", raftfsm.ErrNotFound, hashPart)

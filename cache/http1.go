@@ -167,19 +167,16 @@ func (f *FastListener) acceptLoop() {
 			return
 		}
 		delay = 0
-		tc, ok := c.(*net.TCPConn)
-		if !ok || !f.track(tc) {
-			if ok {
-				_ = c.Close()
-				return
-			}
-			// Not TCP (never, with net.Listen("tcp")): straight to net/http.
-			f.wg.Add(1)
-			go f.give(c)
-			continue
+		if !f.track(c) {
+			_ = c.Close() // closed meanwhile
+			return
 		}
 		f.wg.Add(1)
-		go f.serve(tc)
+		if tc, ok := c.(*net.TCPConn); ok {
+			go f.serve(tc)
+		} else {
+			go f.give(c) // not TCP: straight to net/http
+		}
 	}
 }
 
@@ -215,8 +212,11 @@ func (f *FastListener) serve(tc *net.TCPConn) {
 	defer func() {
 		if !handed {
 			f.untrack(tc)
-			// Half-close first, so that an answer already written is
-			// not lost to a reset if the client sent more.
+			// Half-close first, so the client gets a FIN right after the
+			// answer. This does not rule out a reset: if the client sent
+			// bytes we never read, Close still sends RST, and a client
+			// that has not yet read the answer may lose it (net/http
+			// narrows that window by lingering; we close at once).
 			_ = tc.CloseWrite()
 			_ = tc.Close()
 			f.wg.Done()
@@ -226,7 +226,12 @@ func (f *FastListener) serve(tc *net.TCPConn) {
 		req, n, verdict := parseFast(fc.buf[fc.r:fc.w])
 		switch verdict {
 		case fastServe:
-			if !f.answer(fc, &req) {
+			switch f.answer(fc, &req) {
+			case broken:
+				return
+			case unanswerable:
+				handed = true
+				f.handOff(fc)
 				return
 			}
 			fc.r += n
@@ -288,33 +293,45 @@ func (f *FastListener) handOff(fc *fastConn) {
 	f.give(hc)
 }
 
-// answer writes the answer to a fast request; false: the connection is
-// to be closed.
-func (f *FastListener) answer(fc *fastConn, req *fastRequest) bool {
+// answerOutcome is what serve does after answer.
+type answerOutcome int
+
+const (
+	answered     answerOutcome = iota // written: go on with the next request
+	broken                            // the write failed: close
+	unanswerable                      // the lookup failed unexpectedly: net/http serves the request
+)
+
+// answer writes the answer to a fast request.
+func (f *FastListener) answer(fc *fastConn, req *fastRequest) answerOutcome {
 	h := f.h
 	rec, err := h.cfg.Index().NarInfo(string(req.hash))
+	if err != nil && !errors.Is(err, raftfsm.ErrNotFound) {
+		// The replica cannot answer: the handler reports it (status,
+		// logging, metrics) from the request left unread.
+		return unanswerable
+	}
 	h.cfg.Metrics.Request("narinfo", err == nil)
 	out := fc.out[:0]
-	switch {
-	case err == nil:
+	if err == nil {
 		p := h.narInfoText(rec)
 		if req.inm != nil && string(req.inm) == p.etag[0] {
 			out = appendHead(out, "304 Not Modified", req.close)
 			out = appendField(out, "Cache-Control: ", p.cc[0])
 			out = appendField(out, "Etag: ", p.etag[0])
 			out = append(out, "\r\n"...)
-			break
+		} else {
+			out = appendHead(out, "200 OK", req.close)
+			out = appendField(out, "Cache-Control: ", p.cc[0])
+			out = appendField(out, "Content-Length: ", p.length[0])
+			out = appendField(out, "Content-Type: ", p.ctype[0])
+			out = appendField(out, "Etag: ", p.etag[0])
+			out = append(out, "\r\n"...)
+			if !req.head {
+				out = append(out, p.body...)
+			}
 		}
-		out = appendHead(out, "200 OK", req.close)
-		out = appendField(out, "Cache-Control: ", p.cc[0])
-		out = appendField(out, "Content-Length: ", p.length[0])
-		out = appendField(out, "Content-Type: ", p.ctype[0])
-		out = appendField(out, "Etag: ", p.etag[0])
-		out = append(out, "\r\n"...)
-		if !req.head {
-			out = append(out, p.body...)
-		}
-	case errors.Is(err, raftfsm.ErrNotFound):
+	} else {
 		body := jsonErrorBody(err.Error())
 		out = appendHead(out, "404 Not Found", req.close)
 		out = appendField(out, "Cache-Control: ", ccMiss)
@@ -325,37 +342,19 @@ func (f *FastListener) answer(fc *fastConn, req *fastRequest) bool {
 		if !req.head {
 			out = append(out, body...)
 		}
-	default:
-		// Not a lookup answer (the replica cannot read): let net/http's
-		// handler report it, with its logging.
-		return f.answerSlow(fc, err)
 	}
 	fc.out = out
 	now := time.Now()
 	if now.Sub(fc.writeAt) > time.Second {
 		fc.writeAt = now
 		if fc.c.SetWriteDeadline(now.Add(f.opts.WriteTimeout)) != nil {
-			return false
+			return broken
 		}
 	}
-	_, err = fc.c.Write(out)
-	return err == nil
-}
-
-// answerSlow reports an unexpected lookup error as the handler would.
-func (f *FastListener) answerSlow(fc *fastConn, err error) bool {
-	status, _ := raftfsm.StatusOf(err)
-	f.h.cfg.Log.Error("cache request failed", "method", "GET", "path", "narinfo", "err", err)
-	body := jsonErrorBody(err.Error())
-	out := appendHead(fc.out[:0], strconv.Itoa(status)+" "+http.StatusText(status), true)
-	out = appendField(out, "Content-Length: ", strconv.Itoa(len(body)))
-	out = appendField(out, "Content-Type: ", "application/json")
-	out = appendField(out, "X-Content-Type-Options: ", "nosniff")
-	out = append(out, "\r\n"...)
-	out = append(out, body...)
-	_ = fc.c.SetWriteDeadline(time.Now().Add(f.opts.WriteTimeout))
-	_, _ = fc.c.Write(out)
-	return false
+	if _, err := fc.c.Write(out); err != nil {
+		return broken
+	}
+	return answered
 }
 
 func appendHead(b []byte, status string, closing bool) []byte {
@@ -493,6 +492,7 @@ func parseFast(b []byte) (fastRequest, int, fastVerdict) {
 	}
 	// Header fields.
 	hosts := 0
+	seenINM := false
 	pos := eol + 1
 	for {
 		rest := b[pos:]
@@ -524,9 +524,10 @@ func parseFast(b []byte) (fastRequest, int, fastVerdict) {
 				return req, 0, fastHandOff
 			}
 		case asciiEqualFold(name, "if-none-match"):
-			if req.inm != nil {
+			if seenINM {
 				return req, 0, fastHandOff
 			}
+			seenINM = true
 			req.inm = value
 		case asciiEqualFold(name, "connection"):
 			for _, tok := range bytes.Split(value, []byte(",")) {

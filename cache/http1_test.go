@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"bytes"
 	"errors"
+	"fmt"
 	"io"
 	"net"
 	"net/http"
@@ -14,6 +15,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 
 	"github.com/kilnci/kiln/cache"
+	"github.com/kilnci/kiln/raftfsm"
 )
 
 // response is what a test compares of an answer: everything but Date.
@@ -117,6 +119,7 @@ func TestFastPathAnswersAsNetHTTP(t *testing.T) {
 		{"upgrade", "GET", get("/cache/"+hit+".narinfo", "Connection: Upgrade, HTTP2-Settings\r\nUpgrade: h2c\r\nHTTP2-Settings: AAMAAABkAAQAoAAAAAIAAAAA\r\n"), false, 200},
 		{"header over 4 KiB", "GET", get("/cache/"+hit+".narinfo", "X-Pad: "+strings.Repeat("p", 5000)+"\r\n"), false, 200},
 		{"two If-None-Match", "GET", get("/cache/"+hit+".narinfo", "If-None-Match: "+etag+"\r\nIf-None-Match: \"x\"\r\n"), false, 304},
+		{"empty then real If-None-Match", "GET", get("/cache/"+hit+".narinfo", "If-None-Match:\r\nIf-None-Match: "+etag+"\r\n"), false, 200},
 		{"PUT without credentials", "PUT", "PUT /cache/" + hit + ".narinfo HTTP/1.1\r\nHost: x\r\nContent-Length: 3\r\n\r\nabc", false, 401},
 		{"DELETE", "DELETE", "DELETE /cache/" + hit + ".narinfo HTTP/1.1\r\nHost: x\r\n\r\n", false, 405},
 	}
@@ -139,6 +142,28 @@ func TestFastPathAnswersAsNetHTTP(t *testing.T) {
 				t.Errorf("handed to net/http: %v, want %v", handed, !tt.fast)
 			}
 		})
+	}
+}
+
+// TestFastPathLeavesLookupFailuresToNetHTTP: when the replica cannot be
+// read, the request goes to net/http, whose handler reports it.
+func TestFastPathLeavesLookupFailuresToNetHTTP(t *testing.T) {
+	c := newTestCache(t)
+	c.idx.mu.Lock()
+	c.idx.fail = fmt.Errorf("%w: the replica is being restored", raftfsm.ErrUnavailable)
+	c.idx.mu.Unlock()
+	raw := "GET /cache/" + strings.Repeat("0", 32) + ".narinfo HTTP/1.1\r\nHost: x\r\n\r\n"
+	before := c.handed.Load()
+	got := exchange(t, c.srv.Listener.Addr().String(), "GET", raw)
+	want := exchange(t, c.plain.Listener.Addr().String(), "GET", raw)
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Errorf("fast path answers differently from net/http (-net/http +fast):\n%s", diff)
+	}
+	if got.Status != http.StatusServiceUnavailable {
+		t.Errorf("status %d, want 503", got.Status)
+	}
+	if !waitHanded(c, before, false) {
+		t.Error("the request was not handed to net/http")
 	}
 }
 

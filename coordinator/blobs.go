@@ -97,6 +97,7 @@ func (c *Coordinator) openCache(ctx context.Context) error {
 		Publisher:  c,
 		Authorize:  c.pushAuth,
 		MaxNarSize: c.cfg.MaxNarSize,
+		MaxLogSize: c.cfg.MaxLogBytes,
 		Log:        c.log,
 		Metrics:    c.metrics,
 	})

@@ -21,17 +21,6 @@ import (
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
 )
 
-// freeGossipAddr finds a loopback port free for both TCP and UDP, out of
-// the range the nodes' own ":0" listeners draw from.
-func freeGossipAddr(t testing.TB) string {
-	t.Helper()
-	addr, err := freeport.Loopback(true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return addr
-}
-
 // logBuffer collects a coordinator's log lines for assertions.
 type logBuffer struct {
 	mu sync.Mutex
@@ -53,7 +42,7 @@ func (l *logBuffer) has(s string) bool {
 // withGossip puts every node in one pool: node 0's address is picked
 // up front, the others join it.
 func withGossip(t testing.TB) func(int, *Config) {
-	first := freeGossipAddr(t)
+	first := freeport.For(t, true) // out of the range the nodes' ":0" listeners draw from
 	return func(i int, cfg *Config) {
 		cfg.GossipAddr = "127.0.0.1:0"
 		if i == 0 {
@@ -160,7 +149,7 @@ func TestGossipGrantsNothing(t *testing.T) {
 // fourth is added as a voter by the leader; a stopped one is removed once
 // it has been dead for the cleanup time, leaving three voters.
 func TestGossipBootstrapExpectAndCleanup(t *testing.T) {
-	addrs := []string{freeGossipAddr(t), freeGossipAddr(t), freeGossipAddr(t)}
+	addrs := []string{freeport.For(t, true), freeport.For(t, true), freeport.For(t, true)}
 	var nodes []*Coordinator
 	logs := map[string]*logBuffer{}
 	start := func(i int, expect int) *Coordinator {

@@ -39,25 +39,11 @@ func TestMain(m *testing.M) {
 }
 
 // freeAddr returns a loopback address with a port that was free a moment
-// ago and that no other address of this test run has (freeport).
-func freeAddr(t *testing.T) string {
-	t.Helper()
-	addr, err := freeport.Loopback(false)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return addr
-}
+// ago and that no other address of this test run has.
+func freeAddr(t *testing.T) string { t.Helper(); return freeport.For(t, false) }
 
 // freeGossipAddr is freeAddr for TCP and UDP (memberlist uses both).
-func freeGossipAddr(t *testing.T) string {
-	t.Helper()
-	addr, err := freeport.Loopback(true)
-	if err != nil {
-		t.Fatal(err)
-	}
-	return addr
-}
+func freeGossipAddr(t *testing.T) string { t.Helper(); return freeport.For(t, true) }
 
 // proc is one running kiln process.
 type proc struct {

@@ -11,6 +11,7 @@ import (
 	"slices"
 	"strconv"
 	"strings"
+	"sync"
 	"time"
 
 	"golang.org/x/crypto/bcrypt"
@@ -114,7 +115,11 @@ func userOut(u *pb.User) userJSON {
 }
 
 // dummyHash makes a failed lookup cost as much as a wrong password.
-var dummyHash, _ = bcrypt.GenerateFromPassword([]byte("kiln"), bcrypt.DefaultCost)
+// It is made on first use, not at start-up (bcrypt costs ~60 ms).
+var dummyHash = sync.OnceValue(func() []byte {
+	h, _ := bcrypt.GenerateFromPassword([]byte("kiln"), bcrypt.DefaultCost)
+	return h
+})
 
 // login is Hydra's POST /login: JSON credentials in, user out, session
 // cookie set. Any failure is 403, as in Hydra.
@@ -137,7 +142,7 @@ func (a *api) login(w http.ResponseWriter, r *http.Request) {
 		}
 		cancel()
 	}
-	hash := dummyHash
+	hash := dummyHash()
 	if err == nil {
 		hash = u.PasswordHash
 	}

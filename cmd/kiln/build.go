@@ -167,6 +167,9 @@ type stepStatus struct {
 	State     string `json:"state"`
 	LastError string `json:"last_error"`
 	LeaseID   uint64 `json:"lease_id"`
+	// BuildStatus is Hydra's code for a finished step: 2 marks a step that
+	// failed only because something it needed did.
+	BuildStatus *int32 `json:"buildstatus"`
 }
 
 // liveLogs prints what running steps' logs gained since the last call.
@@ -379,7 +382,7 @@ func reportFailure(ctx context.Context, api *apiClient, b buildStatus, w io.Writ
 		return
 	}
 	for _, s := range steps.Steps {
-		if s.State != "failed" || strings.Contains(s.LastError, "dependency") {
+		if s.State != "failed" || (s.BuildStatus != nil && *s.BuildStatus == 2) {
 			continue
 		}
 		fmt.Fprintf(w, "failed step %s: %s\n", s.DrvPath, s.LastError)

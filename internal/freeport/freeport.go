@@ -9,6 +9,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"testing"
 	"time"
 )
 
@@ -57,6 +58,16 @@ func Loopback(udp bool) (string, error) {
 		}
 	}
 	return "", errors.New("freeport: no free loopback port below the ephemeral range")
+}
+
+// For is Loopback for a test: it fails the test when no port is found.
+func For(t testing.TB, udp bool) string {
+	t.Helper()
+	addr, err := Loopback(udp)
+	if err != nil {
+		t.Fatal(err)
+	}
+	return addr
 }
 
 // ephemeralLow is the bottom of the kernel's ephemeral port range.
