@@ -5,6 +5,8 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"runtime"
+	"sync"
 
 	"github.com/hashicorp/go-memdb"
 	"github.com/hashicorp/raft"
@@ -68,25 +70,8 @@ func writeSnapshot(w io.Writer, txn *memdb.Txn, index uint64) error {
 	if _, err := bw.Write(buf); err != nil {
 		return fmt.Errorf("write snapshot header: %w", err)
 	}
-	var opts proto.MarshalOptions
-	for _, rt := range recordTables {
-		it, err := txn.Get(rt.table, "id")
-		if err != nil {
-			return err
-		}
-		var rec []byte
-		for o := it.Next(); o != nil; o = it.Next() {
-			rec, err = opts.MarshalAppend(rec[:0], o.(proto.Message))
-			if err != nil {
-				return fmt.Errorf("encode %s record: %w", rt.table, err)
-			}
-			buf = protowire.AppendVarint(buf[:0], uint64(rt.typ))
-			buf = protowire.AppendVarint(buf, uint64(len(rec)))
-			buf = append(buf, rec...)
-			if _, err := bw.Write(buf); err != nil {
-				return fmt.Errorf("write snapshot: %w", err)
-			}
-		}
+	if err := encodeRecords(bw, txn); err != nil {
+		return err
 	}
 	if _, err := bw.Write(protowire.AppendVarint(nil, 0)); err != nil {
 		return fmt.Errorf("write snapshot: %w", err)
@@ -95,6 +80,119 @@ func writeSnapshot(w io.Writer, txn *memdb.Txn, index uint64) error {
 		return fmt.Errorf("write snapshot: %w", err)
 	}
 	return nil
+}
+
+// snapshotChunk is a run of records of one table, encoded by a worker into
+// out and written in the order the chunks were read.
+type snapshotChunk struct {
+	typ   pb.RecordType
+	table string
+	msgs  []proto.Message
+	out   []byte
+	err   error
+	done  chan struct{}
+}
+
+const snapshotChunkLen = 1024
+
+// encodeRecords writes every record of txn, encoding chunks of records on
+// as many goroutines as there are CPUs (up to 4) while this one walks the
+// tables and another writes the encoded chunks in order. The records are
+// immutable in a read transaction, so workers may encode them concurrently.
+func encodeRecords(w io.Writer, txn *memdb.Txn) error {
+	workers := min(runtime.GOMAXPROCS(0), 4)
+	jobs := make(chan *snapshotChunk, workers)
+	order := make(chan *snapshotChunk, 2*workers)
+	stop := make(chan struct{}) // closed when the writer gives up
+	var wg sync.WaitGroup
+	// Encoded chunks' buffers go back to free once written.
+	free := make(chan []byte, 3*workers)
+	for range workers {
+		wg.Go(func() {
+			// Size fills each message's size cache, which the marshal
+			// then uses, and the record is encoded straight into out.
+			sizeOpts := proto.MarshalOptions{}
+			opts := proto.MarshalOptions{UseCachedSize: true}
+			for c := range jobs {
+				select {
+				case c.out = <-free:
+				default:
+				}
+				for _, m := range c.msgs {
+					c.out = protowire.AppendVarint(c.out, uint64(c.typ))
+					c.out = protowire.AppendVarint(c.out, uint64(sizeOpts.Size(m)))
+					if c.out, c.err = opts.MarshalAppend(c.out, m); c.err != nil {
+						break
+					}
+				}
+				close(c.done)
+			}
+		})
+	}
+	writeErr := make(chan error, 1)
+	go func() {
+		var err error
+		for c := range order {
+			if err != nil {
+				continue // drain, so the walk below never blocks
+			}
+			<-c.done
+			switch {
+			case c.err != nil:
+				err = fmt.Errorf("encode %s record: %w", c.table, c.err)
+			default:
+				if _, werr := w.Write(c.out); werr != nil {
+					err = fmt.Errorf("write snapshot: %w", werr)
+				}
+				select {
+				case free <- c.out[:0]:
+				default:
+				}
+			}
+			if err != nil {
+				close(stop)
+			}
+		}
+		writeErr <- err
+	}()
+	send := func(c *snapshotChunk) bool {
+		select {
+		case order <- c:
+		case <-stop:
+			return false
+		}
+		jobs <- c
+		return true
+	}
+	walkErr := func() error {
+		for _, rt := range recordTables {
+			it, err := txn.Get(rt.table, "id")
+			if err != nil {
+				return err
+			}
+			c := &snapshotChunk{typ: rt.typ, table: rt.table, done: make(chan struct{})}
+			for o := it.Next(); o != nil; o = it.Next() {
+				c.msgs = append(c.msgs, o.(proto.Message))
+				if len(c.msgs) == snapshotChunkLen {
+					if !send(c) {
+						return nil
+					}
+					c = &snapshotChunk{typ: rt.typ, table: rt.table, done: make(chan struct{})}
+				}
+			}
+			if len(c.msgs) > 0 && !send(c) {
+				return nil
+			}
+		}
+		return nil
+	}()
+	close(jobs)
+	close(order)
+	wg.Wait()
+	if err := <-writeErr; err != nil {
+		return err
+	}
+	return walkErr
 }
 
 // readSnapshot builds a fresh state from a snapshot stream.
