@@ -402,22 +402,7 @@ func (s agentService) UploadNar(ctx context.Context, stream *connect.ClientStrea
 		return nil, rpc.Error(fmt.Errorf("%w: NAR over %d bytes", raftfsm.ErrTooLarge, c.cfg.MaxNarSize))
 	}
 	blob := hex.EncodeToString(fd)
-	pr, pw := io.Pipe()
-	go func() {
-		for stream.Receive() {
-			chunk := stream.Msg().GetZstdChunk()
-			if len(chunk) > 1<<20 {
-				pw.CloseWithError(fmt.Errorf("%w: chunk over 1 MiB", raftfsm.ErrTooLarge))
-				return
-			}
-			if _, err := pw.Write(chunk); err != nil {
-				return
-			}
-		}
-		pw.CloseWithError(stream.Err())
-	}()
-	err = c.blobs.Put(ctx, blob, pr, int64(hdr.FileSize))
-	pr.CloseWithError(io.ErrClosedPipe)
+	err = c.blobs.Put(ctx, blob, &narChunks{stream: stream}, int64(hdr.FileSize))
 	if err != nil {
 		return nil, rpc.Error(err)
 	}
@@ -432,6 +417,34 @@ func (s agentService) UploadNar(ctx context.Context, stream *connect.ClientStrea
 	}
 	c.log.Info("output uploaded", "lease", hdr.LeaseId, "path", hdr.StorePath, "agent", a.Id, "bytes", hdr.FileSize)
 	return connect.NewResponse(&kilnv1.UploadNarResponse{Url: rec.Url}), nil
+}
+
+// narChunks reads an upload's zstd chunks as one byte stream, receiving
+// them as the reader asks (in the handler's goroutine, never after it).
+type narChunks struct {
+	stream *connect.ClientStream[kilnv1.UploadNarRequest]
+	buf    []byte
+	err    error
+}
+
+func (r *narChunks) Read(p []byte) (int, error) {
+	for len(r.buf) == 0 {
+		if r.err != nil {
+			return 0, r.err
+		}
+		if !r.stream.Receive() {
+			if r.err = r.stream.Err(); r.err == nil {
+				r.err = io.EOF
+			}
+			continue
+		}
+		if r.buf = r.stream.Msg().GetZstdChunk(); len(r.buf) > 1<<20 {
+			r.buf, r.err = nil, fmt.Errorf("%w: chunk over 1 MiB", raftfsm.ErrTooLarge)
+		}
+	}
+	n := copy(p, r.buf)
+	r.buf = r.buf[n:]
+	return n, nil
 }
 
 func (s agentService) Complete(ctx context.Context, req *connect.Request[kilnv1.CompleteRequest]) (*connect.Response[kilnv1.CompleteResponse], error) {

@@ -1,7 +1,9 @@
 package coordinator
 
 import (
+	"bytes"
 	"context"
+	"crypto/sha256"
 	"encoding/hex"
 	"errors"
 	"fmt"
@@ -16,6 +18,7 @@ import (
 	"github.com/google/go-cmp/cmp"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
+	"github.com/kilnci/kiln/raftfsm"
 	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
 	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
@@ -69,7 +72,10 @@ func (a *fakeAgent) lease(wait uint32) ([]*kilnv1.Lease, error) {
 }
 
 // upload sends an output as an agent does: header, then zstd chunks.
-func (a *fakeAgent) upload(leaseID uint64, n testNar) error {
+func (a *fakeAgent) upload(leaseID uint64, n testNar) error { return a.uploadChunks(leaseID, n, 100) }
+
+// uploadChunks is upload with chunks of the given size.
+func (a *fakeAgent) uploadChunks(leaseID uint64, n testNar, chunk int) error {
 	stream := a.client.UploadNar(context.Background())
 	stream.RequestHeader().Set("Authorization", "Bearer "+a.cred)
 	d, _ := hex.DecodeString(n.blob)
@@ -91,8 +97,8 @@ func (a *fakeAgent) upload(leaseID uint64, n testNar) error {
 	if err := stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}}); err != nil {
 		return err
 	}
-	for off := 0; off < len(n.zst); off += 100 {
-		end := min(off+100, len(n.zst))
+	for off := 0; off < len(n.zst); off += chunk {
+		end := min(off+chunk, len(n.zst))
 		if err := stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: n.zst[off:end]}}); err != nil {
 			break // the server answered early: CloseAndReceive has why
 		}
@@ -187,6 +193,20 @@ func TestAgentProtocol(t *testing.T) {
 	// An output that is not the step's is refused.
 	if err := a.upload(dep.LeaseId, makeNar(t, "not-an-output", nil)); codeOf(err) != connect.CodeInvalidArgument {
 		t.Errorf("upload of a foreign path: %v, want invalid argument", err)
+	}
+	// So is a chunk over 1 MiB, and nothing of it is kept.
+	big := makeNar(t, "dep", nil)
+	big.zst = bytes.Repeat([]byte("z"), 1<<20+1)
+	sum := sha256.Sum256(big.zst)
+	big.blob = hex.EncodeToString(sum[:])
+	if err := a.uploadChunks(dep.LeaseId, big, len(big.zst)); codeOf(err) != connect.CodeResourceExhausted {
+		t.Errorf("upload with a 1 MiB + 1 byte chunk: %v, want resource exhausted", err)
+	}
+	if _, err := l.fsm.Read().NarInfo(raftfsm.HashPart(big.path)); !errors.Is(err, raftfsm.ErrNotFound) {
+		t.Errorf("narinfo after the refused upload: %v, want not found", err)
+	}
+	if l.blobs.Has(big.blob) {
+		t.Error("the refused upload's blob was stored")
 	}
 	if err := a.log(dep.LeaseId, "building dep\n", "done\n"); err != nil {
 		t.Fatal(err)

@@ -94,15 +94,14 @@ func (s stateCollector) Collect(ch chan<- prometheus.Metric) {
 		ch <- prometheus.MustNewConstMetric(descRunning, prometheus.GaugeValue, float64(len(leases)))
 	}
 	builds := map[string]int{}
-	if all, _, err := r.Builds(raftfsm.BuildFilter{}, 0, 1<<30); err == nil {
-		for _, b := range all {
-			status := "queued"
-			if b.State == pb.BuildState_BUILD_STATE_FINISHED {
-				status = raftfsm.BuildStatusName(b.BuildStatus)
-			}
-			builds[status]++
+	_ = r.EachBuildNewestFirst(func(b *pb.Build) bool {
+		status := "queued"
+		if b.State == pb.BuildState_BUILD_STATE_FINISHED {
+			status = raftfsm.BuildStatusName(b.BuildStatus)
 		}
-	}
+		builds[status]++
+		return true
+	})
 	for st, n := range builds {
 		ch <- prometheus.MustNewConstMetric(descBuilds, prometheus.GaugeValue, float64(n), st)
 	}

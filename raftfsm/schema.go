@@ -212,9 +212,8 @@ func schema() *memdb.DBSchema {
 			"id": idx("id", true, func(o any) ([]byte, bool, error) {
 				return u64(o.(*pb.Lease).Id), true, nil
 			}, uintArgs),
-			"agent": idx("agent", false, func(o any) ([]byte, bool, error) {
-				return strKey(o.(*pb.Lease).AgentId), true, nil
-			}, stringsArgs),
+			// No index by agent: nothing asks for one, and every grant
+			// and hand-back would pay for it on every replica.
 		}},
 		tableNarInfos: {Name: tableNarInfos, Indexes: map[string]*memdb.IndexSchema{
 			"id": idx("id", true, func(o any) ([]byte, bool, error) {
