@@ -10,6 +10,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"runtime"
 	"runtime/pprof"
 	"slices"
 	"strings"
@@ -273,21 +274,26 @@ func benchProfile(b *testing.B, name string) func() {
 	if err := pprof.StartCPUProfile(f); err != nil {
 		b.Fatal(err)
 	}
-	writeAllocs := func(suffix string) {
+	write := func(profile, suffix string) {
 		af, err := os.Create(filepath.Join(dir, name+suffix))
 		if err != nil {
 			b.Fatal(err)
 		}
 		defer af.Close()
-		if err := pprof.Lookup("allocs").WriteTo(af, 0); err != nil {
+		if err := pprof.Lookup(profile).WriteTo(af, 0); err != nil {
 			b.Fatal(err)
 		}
 	}
-	writeAllocs(".allocs0")
+	// Allocations and lock contention: before and after (pprof -base).
+	runtime.SetMutexProfileFraction(5)
+	write("allocs", ".allocs0")
+	write("mutex", ".mutex0")
 	return func() {
 		pprof.StopCPUProfile()
 		_ = f.Close()
-		writeAllocs(".allocs1")
+		write("allocs", ".allocs1")
+		write("mutex", ".mutex1")
+		runtime.SetMutexProfileFraction(0)
 	}
 }
 

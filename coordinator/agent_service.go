@@ -41,16 +41,22 @@ var _ kilnv1connect.AgentServiceHandler = agentService{}
 // through Raft. A new leader starts empty, which gives every lease a fresh
 // TTL from the moment it took over.
 type liveness struct {
-	mu       sync.Mutex
-	since    time.Time            // leadership start
-	leases   map[uint64]time.Time // last heartbeat per lease
-	agents   map[string]time.Time // last call per agent
-	granting map[string]bool      // steps with a grant in flight
-	logs     map[uint64]*leaseLog // live logs by lease
+	mu     sync.Mutex
+	since  time.Time            // leadership start
+	leases map[uint64]time.Time // last heartbeat per lease
+	agents map[string]time.Time // last call per agent
+	logs   map[uint64]*leaseLog // live logs by lease
 	// gossipGone: agents the pool declared dead or gone, and since when.
 	gossipGone map[string]time.Time
 	// wake and expiryWake nudge the leader's membership and expiry loops.
 	wake, expiryWake chan struct{}
+
+	// grantMu guards granting, the steps with a grant in flight. A poll
+	// picks and claims its steps under it, so two polls never pick the
+	// same step; heartbeats and the other liveness records do not wait
+	// on it.
+	grantMu  sync.Mutex
+	granting map[string]bool
 
 	fairMu    sync.Mutex
 	fair      *raftfsm.FairShare
@@ -201,22 +207,22 @@ func (s agentService) Lease(ctx context.Context, req *connect.Request[kilnv1.Lea
 		if err != nil {
 			return nil, rpc.Error(err)
 		}
-		live.mu.Lock()
+		live.grantMu.Lock()
 		steps, err := r.PickRunnable(ws, a, time.Now().Unix(), slots, func(d string) bool { return live.granting[d] }, fair)
 		for _, st := range steps {
 			live.granting[st.DrvPath] = true
 		}
-		live.mu.Unlock()
+		live.grantMu.Unlock()
 		if err != nil {
 			return nil, rpc.Error(err)
 		}
 		if len(steps) > 0 {
 			leases, err := c.grant(ctx, a, steps)
-			live.mu.Lock()
+			live.grantMu.Lock()
 			for _, st := range steps {
 				delete(live.granting, st.DrvPath)
 			}
-			live.mu.Unlock()
+			live.grantMu.Unlock()
 			if err != nil {
 				return nil, rpc.Error(err)
 			}

@@ -43,7 +43,7 @@ type pendingEntry struct {
 
 const (
 	maxEntryBytes = 4 << 20
-	maxInflight   = 2
+	maxInflight   = 4
 )
 
 func newProposer(r *raft.Raft, timeout time.Duration) *proposer {
