@@ -418,9 +418,6 @@ func (h *Handler) IngestNarInfo(ctx context.Context, rec *pb.NarInfo, leaseID ui
 	return nil
 }
 
-// Blobs is the store uploads go to.
-func (h *Handler) Blobs() BlobStore { return h.cfg.Blobs }
-
 // putLog stores an uploaded build log (plain text) zstd-compressed.
 func (h *Handler) putLog(r *http.Request, drv string) error {
 	if r.ContentLength > h.cfg.MaxLogSize {

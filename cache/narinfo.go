@@ -10,6 +10,7 @@ import (
 
 	"github.com/nix-community/go-nix/pkg/narinfo"
 	"github.com/nix-community/go-nix/pkg/narinfo/signature"
+	"github.com/nix-community/go-nix/pkg/nixbase32"
 	"github.com/nix-community/go-nix/pkg/nixhash"
 
 	"github.com/kilnci/kiln/raftfsm"
@@ -168,7 +169,7 @@ func AppendNarInfo(b []byte, rec *pb.NarInfo) []byte {
 	return b
 }
 
-// NarInfoHashFromURL checks the "<hash>.narinfo" part of a URL path.
+// validHashPart checks the "<hash>" of a "<hash>.narinfo" URL path.
 func validHashPart(h string) bool { return validHashPartBytes(h) }
 
 // validHashPartBytes is validHashPart for the fast path's bytes.
@@ -177,18 +178,9 @@ func validHashPartBytes[T string | []byte](h T) bool {
 		return false
 	}
 	for i := range len(h) {
-		if !nixBase32Valid[h[i]] {
+		if !nixbase32.Is(h[i]) {
 			return false
 		}
 	}
 	return true
 }
-
-var nixBase32Valid = func() (t [256]bool) {
-	for _, c := range []byte(nixBase32Alphabet) {
-		t[c] = true
-	}
-	return t
-}()
-
-const nixBase32Alphabet = "0123456789abcdfghijklmnpqrsvwxyz"

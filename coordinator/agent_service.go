@@ -281,9 +281,7 @@ func (c *Coordinator) grant(ctx context.Context, a *pb.Agent, steps []*pb.Step) 
 			Substituters: subs, Attempt: attempt, TtlSeconds: ttl,
 			BuildTimeoutSeconds: int64(c.cfg.BuildTimeout / time.Second), MaxSilentSeconds: int64(c.cfg.MaxSilent / time.Second),
 			MaxLogBytes: uint64(c.cfg.MaxLogBytes), MaxNarBytes: uint64(c.cfg.MaxNarSize),
-		}
-		for _, o := range st.Outputs {
-			l.Outputs = append(l.Outputs, &kilnv1.Output{Name: o.Name, Path: o.Path})
+			Outputs: rpc.OutputsToAPI(st.Outputs),
 		}
 		c.metrics.leasesGranted.Inc()
 		c.metrics.submitToLease.Observe(max(0, float64(time.Now().Unix()-st.CreatedAt)))
@@ -505,17 +503,9 @@ func (s agentService) Complete(ctx context.Context, req *connect.Request[kilnv1.
 			}
 		}
 	}
-	cmd, err := raftfsm.NewCommand(pb.CommandType_COMMAND_TYPE_COMPLETE_LEASE, &pb.CompleteLease{
+	if err := c.applyOne(ctx, pb.CommandType_COMMAND_TYPE_COMPLETE_LEASE, &pb.CompleteLease{
 		LeaseId: m.LeaseId, Outcome: outcome, Error: m.Error, MaxTries: c.cfg.MaxTries, BackoffSeconds: int64(c.cfg.RetryBackoff / time.Second),
-	}, 0)
-	if err != nil {
-		return nil, rpc.Error(err)
-	}
-	res, err := c.Apply(ctx, cmd)
-	if err == nil {
-		err = res.Results[0].Err
-	}
-	if err != nil {
+	}); err != nil {
 		return nil, rpc.Error(err)
 	}
 	if live := c.live(); live != nil {

@@ -16,6 +16,8 @@ import (
 	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
 )
 
+const nixBase32Alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
+
 // storePath makes a valid, deterministic store path for a name.
 func storePath(name string) string {
 	h := sha256.Sum256([]byte(name))

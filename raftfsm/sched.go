@@ -1,7 +1,6 @@
 package raftfsm
 
 import (
-	"bytes"
 	"slices"
 
 	"github.com/hashicorp/go-memdb"
@@ -97,7 +96,6 @@ func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, 
 	var heads []*pb.Step             // the best candidate of each fitting group, in turn
 	var iters []memdb.ResultIterator // *pushBack
 	for _, system := range a.Systems {
-		prefix := append([]byte{byte(pb.StepState_STEP_STATE_RUNNABLE)}, strKey(system)...)
 		if ws != nil {
 			it, err := r.txn.Get(tableSteps, "sched_prefix", pb.StepState_STEP_STATE_RUNNABLE, system)
 			if err != nil {
@@ -116,7 +114,7 @@ func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, 
 				break
 			}
 			s := o.(*pb.Step)
-			if s.State != pb.StepState_STEP_STATE_RUNNABLE || s.System != system || !bytes.HasPrefix(schedKey(s), prefix) {
+			if s.State != pb.StepState_STEP_STATE_RUNNABLE || s.System != system {
 				break
 			}
 			fk := FeaturesKey(s.RequiredFeatures)

@@ -3,12 +3,12 @@ package raftfsm
 import (
 	"fmt"
 	"strings"
+
+	"github.com/nix-community/go-nix/pkg/nixbase32"
 )
 
 // StoreDir is the Nix store the cluster builds for.
 const StoreDir = "/nix/store"
-
-const nixBase32Alphabet = "0123456789abcdfghijklmnpqrsvwxyz"
 
 // ValidStorePath reports whether p is a well-formed store path
 // (/nix/store/<32 nix-base32 chars>-<name>), returning why not.
@@ -21,7 +21,7 @@ func ValidStorePath(p string) error {
 		return fmt.Errorf("%w: store path %q: want <32-char hash>-<name>", ErrInvalid, trunc(p))
 	}
 	for i := 0; i < 32; i++ {
-		if !strings.ContainsRune(nixBase32Alphabet, rune(rest[i])) {
+		if !nixbase32.Is(rest[i]) {
 			return fmt.Errorf("%w: store path %q: hash is not nix-base32", ErrInvalid, trunc(p))
 		}
 	}
