@@ -408,7 +408,10 @@ func (c *Coordinator) peerReady(ctx context.Context, httpAddr string) bool {
 	return resp.StatusCode == http.StatusOK
 }
 
-// futureError waits for a Raft future within ctx.
+// futureError waits for a Raft future within ctx. With BatchApplyCh,
+// hashicorp/raft never answers an Apply or Barrier future that is still
+// queued when it shuts down, so every wait on one must also end with ctx;
+// the goroutine left waiting for such a future ends only if it is answered.
 func futureError(ctx context.Context, f raft.Future) error {
 	done := make(chan error, 1)
 	go func() { done <- f.Error() }()

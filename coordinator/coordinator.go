@@ -296,7 +296,12 @@ func (c *Coordinator) runLeadershipLoop(ctx context.Context) {
 // holds every committed entry) it takes up the leader's duties.
 func (c *Coordinator) leaderLoop(ctx context.Context) {
 	for attempt := 0; ; attempt++ {
-		err := c.raft.Barrier(c.cfg.ApplyTimeout).Error()
+		// Not the future alone: raft never answers a barrier still
+		// queued when it shuts down, and Close waits for this loop.
+		err := futureError(ctx, c.raft.Barrier(c.cfg.ApplyTimeout))
+		if ctx.Err() != nil {
+			return
+		}
 		if err == nil {
 			break
 		}

@@ -153,7 +153,15 @@ func (p *proposer) waitLoop(ctx context.Context) {
 		case <-ctx.Done():
 			return
 		}
-		err := pe.f.Error()
+		// An entry still queued when raft shuts down is never answered:
+		// stop waiting with ctx (the callers' waits end with theirs).
+		err := futureError(ctx, pe.f)
+		if ctx.Err() != nil {
+			for _, pr := range pe.props {
+				pr.done <- proposalResult{err: fmt.Errorf("%w: shutting down", raftfsm.ErrUnavailable)}
+			}
+			return
+		}
 		<-p.inflight
 		if err == nil && p.observe != nil {
 			p.observe(time.Since(pe.start).Seconds())
