@@ -16,6 +16,7 @@ import (
 
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
 	"github.com/kilnci/kiln/web/openapi"
+	"github.com/kilnci/kiln/web/openapi/conformance"
 )
 
 // apiClient makes REST calls and checks every answer against the
@@ -23,7 +24,7 @@ import (
 // (/api/v1), recording which operations answered with success and error.
 type apiClient struct {
 	t           *testing.T
-	hydra, kiln *openapi.Checker
+	hydra, kiln *conformance.Checker
 	covered     map[string]map[string]bool // operation → "ok" / "error"
 	cookie      string
 }
@@ -33,13 +34,13 @@ func newAPIClient(t *testing.T) *apiClient {
 	c := &apiClient{t: t, covered: map[string]map[string]bool{}}
 	for _, d := range []struct {
 		data []byte
-		into **openapi.Checker
+		into **conformance.Checker
 	}{{openapi.HydraYAML(), &c.hydra}, {openapi.KilnYAML(), &c.kiln}} {
-		doc, err := openapi.Load(d.data)
+		doc, err := conformance.Load(d.data)
 		if err != nil {
 			t.Fatal(err)
 		}
-		if *d.into, err = openapi.NewChecker(doc); err != nil {
+		if *d.into, err = conformance.NewChecker(doc); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -153,12 +154,12 @@ func trunc(b []byte) string {
 // missingCoverage lists operations of doc not seen answering both with
 // success and with an error.
 func (c *apiClient) missingCoverage(data []byte) []string {
-	doc, err := openapi.Load(data)
+	doc, err := conformance.Load(data)
 	if err != nil {
 		c.t.Fatal(err)
 	}
 	var out []string
-	for _, op := range openapi.Operations(doc) {
+	for _, op := range conformance.Operations(doc) {
 		for _, kind := range []string{"ok", "error"} {
 			if !c.covered[op][kind] {
 				out = append(out, op+" ("+kind+")")

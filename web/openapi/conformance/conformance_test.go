@@ -1,4 +1,4 @@
-package openapi
+package conformance
 
 import (
 	"context"
@@ -10,6 +10,8 @@ import (
 	"github.com/getkin/kin-openapi/openapi3"
 	"github.com/getkin/kin-openapi/openapi3filter"
 	"github.com/getkin/kin-openapi/routers/gorillamux"
+
+	"github.com/kilnci/kiln/web/openapi"
 )
 
 // buildJSON is a build as Hydra's GET /build/{id} returns it (with finished
@@ -49,8 +51,8 @@ func TestEmbeddedDocsLoad(t *testing.T) {
 		name string
 		data []byte
 	}{
-		{"hydra-api.yaml", HydraYAML()},
-		{"kiln-api.yaml", KilnYAML()},
+		{"hydra-api.yaml", openapi.HydraYAML()},
+		{"kiln-api.yaml", openapi.KilnYAML()},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			doc, err := Load(tc.data)
@@ -85,7 +87,7 @@ paths:
 
 func hydraChecker(t *testing.T) *Checker {
 	t.Helper()
-	doc, err := Load(HydraYAML())
+	doc, err := Load(openapi.HydraYAML())
 	if err != nil {
 		t.Fatalf("Load: %v", err)
 	}
@@ -294,7 +296,7 @@ func TestCheckError(t *testing.T) {
 // the operation does not declare. If this starts failing, kin-openapi changed
 // its default and the extra check in Check may be simplified.
 func TestKinOpenAPIAcceptsUndeclaredStatus(t *testing.T) {
-	doc, err := Load(HydraYAML())
+	doc, err := Load(openapi.HydraYAML())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -327,7 +329,7 @@ func TestKinOpenAPIAcceptsUndeclaredStatus(t *testing.T) {
 // of the Hydra spec (parameters filled in) to that path's own operations.
 func TestEveryPathRoutes(t *testing.T) {
 	c := hydraChecker(t)
-	doc, err := Load(HydraYAML())
+	doc, err := Load(openapi.HydraYAML())
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -355,9 +357,9 @@ func TestEveryPathRoutes(t *testing.T) {
 
 func kilnDoc(t *testing.T) *openapi3.T {
 	t.Helper()
-	doc, err := Load(KilnYAML())
+	doc, err := Load(openapi.KilnYAML())
 	if err != nil {
-		t.Fatalf("Load(KilnYAML()): %v", err)
+		t.Fatalf("Load(openapi.KilnYAML()): %v", err)
 	}
 	return doc
 }
@@ -416,7 +418,7 @@ func TestOperationsDeclareTheirErrors(t *testing.T) {
 		name string
 		data []byte
 		kiln bool
-	}{{"hydra-api.yaml", HydraYAML(), false}, {"kiln-api.yaml", KilnYAML(), true}} {
+	}{{"hydra-api.yaml", openapi.HydraYAML(), false}, {"kiln-api.yaml", openapi.KilnYAML(), true}} {
 		t.Run(tc.name, func(t *testing.T) {
 			doc, err := Load(tc.data)
 			if err != nil {
@@ -567,7 +569,7 @@ func TestCheckKiln(t *testing.T) {
 // them, against their own operations.
 func TestServedDocumentsConform(t *testing.T) {
 	c := kilnChecker(t)
-	for path, data := range map[string][]byte{"/api/v1/openapi.yaml": KilnYAML(), "/api/v1/hydra-openapi.yaml": HydraYAML()} {
+	for path, data := range map[string][]byte{"/api/v1/openapi.yaml": openapi.KilnYAML(), "/api/v1/hydra-openapi.yaml": openapi.HydraYAML()} {
 		req := httptest.NewRequest("GET", path, nil)
 		if err := c.Check(context.Background(), req, 200, kilnHeader("application/yaml"), data); err != nil {
 			t.Errorf("%s: %v", path, err)
