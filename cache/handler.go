@@ -31,9 +31,14 @@ type Index interface {
 // Publisher makes uploads durable: it copies the blob to a quorum of
 // coordinators and commits the record through Raft.
 type Publisher interface {
-	// PublishNar's leaseID, when not 0, is the agent lease the upload is
-	// made under: the record is refused unless that lease is current.
-	PublishNar(ctx context.Context, rec *pb.NarInfo, leaseID uint64) error
+	// ReplicateBlob copies a blob this node holds to a quorum of
+	// coordinators (size -1 when unknown).
+	ReplicateBlob(ctx context.Context, blob string, size int64) error
+	// CommitNar commits a record whose blob is replicated. leaseID, when
+	// not 0, is the agent lease the upload is made under: the record is
+	// refused unless that lease is current.
+	CommitNar(ctx context.Context, rec *pb.NarInfo, leaseID uint64) error
+	// PublishLog replicates a log's blob and commits its record.
 	PublishLog(ctx context.Context, rec *pb.LogRecord) error
 }
 
@@ -395,7 +400,32 @@ func (h *Handler) IngestNarInfo(ctx context.Context, rec *pb.NarInfo, leaseID ui
 	if uint64(size) != rec.FileSize {
 		return fmt.Errorf("%w: FileSize %d, the uploaded file has %d bytes", raftfsm.ErrInvalid, rec.FileSize, size)
 	}
-	sum, err := ReadNarZst(f, rec.NarSize)
+	// The NAR is checked while the blob is copied to the other
+	// coordinators; the record is committed only when both succeed (a
+	// copy of a NAR that fails the check is swept as unreferenced).
+	checked := make(chan error, 1)
+	go func() { checked <- checkNar(&ctxReader{ctx: ctx, r: f}, rec) }()
+	replErr := h.cfg.Publisher.ReplicateBlob(ctx, rec.Blob, int64(rec.FileSize))
+	if err := <-checked; err != nil {
+		return err
+	}
+	if replErr != nil {
+		return replErr
+	}
+	if err := h.cfg.Signer.SignRecord(rec); err != nil {
+		return err
+	}
+	if err := h.cfg.Publisher.CommitNar(ctx, rec, leaseID); err != nil {
+		return err
+	}
+	h.cfg.Metrics.Uploaded(int64(rec.FileSize))
+	return nil
+}
+
+// checkNar reads a zstd NAR and checks it matches its record's NarHash and
+// NarSize.
+func checkNar(r io.Reader, rec *pb.NarInfo) error {
+	sum, err := ReadNarZst(r, rec.NarSize)
 	if errors.Is(err, raftfsm.ErrTooLarge) {
 		// The bound was the record's own NarSize (already checked against
 		// MaxNarSize): the narinfo is wrong, not the upload too large.
@@ -408,13 +438,6 @@ func (h *Handler) IngestNarInfo(ctx context.Context, rec *pb.NarInfo, leaseID ui
 	if !bytes.Equal(sum.Hash[:], want) || sum.Size != rec.NarSize {
 		return fmt.Errorf("%w: NarHash/NarSize do not match the uploaded NAR (it has %d bytes)", raftfsm.ErrInvalid, sum.Size)
 	}
-	if err := h.cfg.Signer.SignRecord(rec); err != nil {
-		return err
-	}
-	if err := h.cfg.Publisher.PublishNar(ctx, rec, leaseID); err != nil {
-		return err
-	}
-	h.cfg.Metrics.Uploaded(int64(rec.FileSize))
 	return nil
 }
 

@@ -246,9 +246,19 @@ type fakePublisher struct {
 	mu  sync.Mutex
 	nar []*pb.NarInfo
 	log []*pb.LogRecord
+	// replicated counts ReplicateBlob calls, which fail with replErr.
+	replicated int
+	replErr    error
 }
 
-func (p *fakePublisher) PublishNar(_ context.Context, rec *pb.NarInfo, _ uint64) error {
+func (p *fakePublisher) ReplicateBlob(context.Context, string, int64) error {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	p.replicated++
+	return p.replErr
+}
+
+func (p *fakePublisher) CommitNar(_ context.Context, rec *pb.NarInfo, _ uint64) error {
 	if err := raftfsm.ValidateNarInfo(rec); err != nil {
 		return err
 	}
@@ -737,6 +747,47 @@ func TestPushRefused(t *testing.T) {
 				if c.blobs.Has(b) {
 					t.Errorf("blob %s is stored", b)
 				}
+			}
+		})
+	}
+}
+
+// A NAR is checked while its blob is replicated: nothing is committed
+// unless both succeed, and a bad NAR is reported as such even when the
+// replication failed too.
+func TestPushNeedsCheckAndReplicas(t *testing.T) {
+	good := buildNar(t, "good")
+	for _, tc := range []struct {
+		name   string
+		badNar bool
+		replOK bool
+		want   int
+	}{
+		{"both succeed", false, true, http.StatusOK},
+		{"replication fails", false, false, http.StatusServiceUnavailable},
+		{"bad NAR, replication succeeds", true, true, http.StatusBadRequest},
+		{"bad NAR, replication fails", true, false, http.StatusBadRequest},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			c := newTestCache(t)
+			if !tc.replOK {
+				c.pub.replErr = fmt.Errorf("%w: no quorum for the blob", raftfsm.ErrUnavailable)
+			}
+			ni := narInfoFor(good, storePath("good-1"))
+			if tc.badNar {
+				ni.NarSize++
+			}
+			c.mustStatus(t, http.StatusOK, http.MethodPut, "/cache/"+good.url(), good.zst, pushAuth)
+			c.mustStatus(t, tc.want, http.MethodPut, "/cache/"+ni.hashPart()+".narinfo", []byte(ni.String()), pushAuth)
+			wantPublished := 0
+			if tc.want == http.StatusOK {
+				wantPublished = 1
+			}
+			c.pub.mu.Lock()
+			replicated := c.pub.replicated
+			c.pub.mu.Unlock()
+			if n := c.pub.published(); n != wantPublished || replicated != 1 {
+				t.Fatalf("%d records published after %d replications, want %d after 1", n, replicated, wantPublished)
 			}
 		})
 	}

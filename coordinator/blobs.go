@@ -107,18 +107,15 @@ func (c *Coordinator) openCache(ctx context.Context) error {
 // CachePublicKey is the key clients trust ("" without a cache key).
 func (c *Coordinator) CachePublicKey() string { return c.cachePublicKey }
 
-// PublishNar makes rec's blob durable on a quorum of coordinators, then
-// commits the record.
-func (c *Coordinator) PublishNar(ctx context.Context, rec *pb.NarInfo, leaseID uint64) error {
-	if err := c.replicateBlob(ctx, rec.Blob, int64(rec.FileSize)); err != nil {
-		return err
-	}
+// CommitNar commits a NAR's record once its blob is on a quorum
+// (cache.Handler replicates it first, while it checks the NAR).
+func (c *Coordinator) CommitNar(ctx context.Context, rec *pb.NarInfo, leaseID uint64) error {
 	return c.applyOne(ctx, pb.CommandType_COMMAND_TYPE_PUT_NAR_INFO, &pb.PutNarInfo{NarInfo: rec, LeaseId: leaseID})
 }
 
 // PublishLog does the same for a build log.
 func (c *Coordinator) PublishLog(ctx context.Context, rec *pb.LogRecord) error {
-	if err := c.replicateBlob(ctx, rec.Blob, -1); err != nil {
+	if err := c.ReplicateBlob(ctx, rec.Blob, -1); err != nil {
 		return err
 	}
 	return c.applyOne(ctx, pb.CommandType_COMMAND_TYPE_PUT_LOG, &pb.PutLog{Log: rec})
@@ -170,10 +167,10 @@ func (c *Coordinator) blobPeers() ([]blobPeer, int, error) {
 	return peers, need, nil
 }
 
-// replicateBlob copies a local blob to the other voters and returns once a
+// ReplicateBlob copies a local blob to the other voters and returns once a
 // quorum (counting this node) has it fsynced. Copies to the rest go on in
 // the background; a peer that misses it fetches it later.
-func (c *Coordinator) replicateBlob(ctx context.Context, blob string, size int64) error {
+func (c *Coordinator) ReplicateBlob(ctx context.Context, blob string, size int64) error {
 	if !c.blobs.Has(blob) {
 		return fmt.Errorf("%w: blob %s is not on this node", raftfsm.ErrInvalid, blob)
 	}
