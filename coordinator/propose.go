@@ -158,7 +158,7 @@ func (p *proposer) waitLoop(ctx context.Context) {
 		err := futureError(ctx, pe.f)
 		if ctx.Err() != nil {
 			for _, pr := range pe.props {
-				pr.done <- proposalResult{err: fmt.Errorf("%w: shutting down", raftfsm.ErrUnavailable)}
+				pr.done <- proposalResult{err: fmt.Errorf("%w: shutting down; the write may or may not have been applied", raftfsm.ErrUnavailable)}
 			}
 			return
 		}
