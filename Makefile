@@ -3,9 +3,10 @@ GO       ?= go
 BIN      ?= bin/kiln
 GOBIN    ?= $(shell $(GO) env GOPATH)/bin
 BENCHTIME ?= 1x
+SOAKCOUNT ?= 5
 SUDO     ?= $(shell test "$$(id -u)" = 0 || echo sudo)
 
-.PHONY: all build test demo proto bench deps vet clean
+.PHONY: all build test demo proto bench soak deps vet clean
 
 all: build
 
@@ -45,6 +46,13 @@ bench: bench-cache
 # as a static cache, load from wrk (BENCH_DURATION=5s per run, BENCH_REPS=3,
 # BENCH_PIN=same|split|none: CPU placement of the c=1 runs; see bench/cachebench).
 .PHONY: bench-cache
+# soak runs the cluster tests (in-process and real processes) again and
+# again, with the race detector on the in-process ones, to shake out rare
+# failures and hangs; -timeout makes a hang fail with every goroutine's stack.
+soak: deps
+	$(GO) test -race -count=$(SOAKCOUNT) -timeout 60m ./raftfsm ./coordinator
+	$(GO) test -count=$(SOAKCOUNT) -timeout 60m ./e2e
+
 bench-cache: deps
 	@if ! command -v wrk >/dev/null || ! command -v zstd >/dev/null || ! { command -v nginx >/dev/null || test -x /usr/sbin/nginx; }; then \
 		echo "installing wrk, zstd and nginx (Debian's wrk, zstd, nginx-light)"; \
