@@ -239,25 +239,40 @@ func (a *Agent) readLog(ctx context.Context, l *kilnv1.Lease) ([]byte, error) {
 	return cmd.Output()
 }
 
-// upload dumps an output to a NAR, compresses it with zstd into a temp
-// file (hashing both), then streams it up under the lease.
+// upload dumps an output to a NAR and streams it up under the lease,
+// compressed with zstd, while it compresses (keeping a copy on disk).
 func (a *Agent) upload(ctx context.Context, l *kilnv1.Lease, path string) error {
 	refs, err := a.references(ctx, path)
 	if err != nil {
 		return err
 	}
-	packed, err := PackNar(a.cfg.WorkDir, func(w io.Writer) error { return nar.DumpPath(w, a.realPath(path)) })
-	if err != nil {
-		return fmt.Errorf("dumping %s: %w", path, err)
-	}
-	defer packed.Close()
-	if l.MaxNarBytes > 0 && (packed.NarSize > l.MaxNarBytes || packed.FileSize > l.MaxNarBytes) {
-		return fmt.Errorf("output %s is %d bytes, over the %d-byte limit", path, packed.NarSize, l.MaxNarBytes)
-	}
-	hdr := packed.Header(l.LeaseId, path, refs, strings.TrimPrefix(l.DrvPath, storeDir+"/"))
+	// The first attempt sends while it compresses; should it fail, the
+	// compressed copy kept on disk is sent again to the next coordinator.
+	dump := func(w io.Writer) error { return nar.DumpPath(w, a.realPath(path)) }
+	deriver := strings.TrimPrefix(l.DrvPath, storeDir+"/")
+	var packed *PackedNar
+	var packErr error
+	defer func() {
+		if packed != nil {
+			packed.Close()
+		}
+	}()
 	_, err = call(ctx, a, func(c kilnv1connect.AgentServiceClient) (*connect.Response[kilnv1.UploadNarResponse], error) {
-		return packed.Send(ctx, c, a.cred, hdr)
+		if packed != nil {
+			return packed.Send(ctx, c, a.cred, packed.Header(l.LeaseId, path, refs, deriver))
+		}
+		hdr := &kilnv1.NarHeader{LeaseId: l.LeaseId, StorePath: path, References: refs, Deriver: deriver}
+		p, resp, err := StreamNar(ctx, c, a.cred, a.cfg.WorkDir, hdr, l.MaxNarBytes, dump)
+		if p == nil {
+			packErr = err
+			return nil, connect.NewError(connect.CodeCanceled, err) // not worth another coordinator
+		}
+		packed = p
+		return resp, err
 	})
+	if packErr != nil {
+		return fmt.Errorf("dumping output %s: %w", path, packErr)
+	}
 	return err
 }
 
@@ -278,19 +293,31 @@ type PackedNar struct {
 // PackNar runs dump (which writes a NAR) through zstd into a temp file in
 // dir, hashing the NAR and the compressed file on the way.
 func PackNar(dir string, dump func(io.Writer) error) (*PackedNar, error) {
+	return packNar(dir, dump, nil)
+}
+
+// packNar is PackNar that also writes the compressed bytes to tee, if not
+// nil, as they are made (tee's errors are its own business: it must not
+// fail the packing).
+func packNar(dir string, dump func(io.Writer) error, tee io.Writer) (*PackedNar, error) {
 	tmp, err := os.CreateTemp(dir, "nar-*.zst")
 	if err != nil {
 		return nil, err
 	}
 	os.Remove(tmp.Name()) // unlinked: gone when closed
 	fileHash, narHash := sha256.New(), sha256.New()
-	enc, err := zstd.NewWriter(io.MultiWriter(tmp, fileHash), zstd.WithEncoderConcurrency(2), zstd.WithEncoderLevel(zstd.SpeedDefault))
+	out := io.MultiWriter(tmp, fileHash)
+	if tee != nil {
+		out = io.MultiWriter(tmp, fileHash, tee)
+	}
+	enc, err := zstd.NewWriter(out, zstd.WithEncoderConcurrency(2), zstd.WithEncoderLevel(zstd.SpeedDefault))
 	if err != nil {
 		tmp.Close()
 		return nil, err
 	}
 	cnt := &counter{}
 	if err := dump(io.MultiWriter(enc, narHash, cnt)); err != nil {
+		enc.Close()
 		tmp.Close()
 		return nil, err
 	}
@@ -305,6 +332,67 @@ func PackNar(dir string, dump func(io.Writer) error) (*PackedNar, error) {
 	}
 	return &PackedNar{File: tmp, NarHash: "sha256:" + nixbase32.EncodeToString(narHash.Sum(nil)), NarSize: cnt.n,
 		FileHash: "sha256:" + nixbase32.EncodeToString(fileHash.Sum(nil)), FileSize: uint64(size)}, nil
+}
+
+// chunkSender sends what is written to it as UploadNar chunks of 1 MiB.
+// After a failed send it drops what follows and keeps the error.
+type chunkSender struct {
+	stream *connect.ClientStreamForClient[kilnv1.UploadNarRequest, kilnv1.UploadNarResponse]
+	buf    []byte
+	err    error
+}
+
+func (s *chunkSender) Write(p []byte) (int, error) {
+	n := len(p)
+	for len(p) > 0 && s.err == nil {
+		k := min(len(p), 1<<20-len(s.buf))
+		s.buf = append(s.buf, p[:k]...)
+		p = p[k:]
+		if len(s.buf) == 1<<20 {
+			s.flush()
+		}
+	}
+	return n, nil
+}
+
+func (s *chunkSender) flush() {
+	if len(s.buf) > 0 && s.err == nil {
+		s.err = s.stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: s.buf}})
+	}
+	s.buf = s.buf[:0]
+}
+
+// StreamNar packs a NAR as PackNar does and sends it as one UploadNar call
+// while it compresses: hdr leaves the hashes and sizes empty (they are not
+// known yet) and a trailer brings them. The packed NAR is returned even
+// when the sending failed, so it can be sent again from its file; it is
+// nil, with the error, only when packing failed or the NAR is over
+// maxBytes (0: no limit), and then the upload is abandoned.
+func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credential, dir string, hdr *kilnv1.NarHeader, maxBytes uint64, dump func(io.Writer) error) (*PackedNar, *connect.Response[kilnv1.UploadNarResponse], error) {
+	sctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	stream := c.UploadNar(sctx)
+	stream.RequestHeader().Set("Authorization", "Bearer "+credential)
+	sender := &chunkSender{stream: stream, buf: make([]byte, 0, 1<<20)}
+	sender.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}})
+	p, err := packNar(dir, dump, sender)
+	if err == nil && maxBytes > 0 && (p.NarSize > maxBytes || p.FileSize > maxBytes) {
+		err = fmt.Errorf("%d bytes, over the %d-byte limit", p.NarSize, maxBytes)
+		p.Close()
+		p = nil
+	}
+	if err != nil {
+		cancel() // abandon the upload: no trailer is sent
+		_, _ = stream.CloseAndReceive()
+		return nil, nil, err
+	}
+	sender.flush()
+	if sender.err == nil {
+		sender.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
+			NarHash: p.NarHash, NarSize: p.NarSize, FileHash: p.FileHash, FileSize: p.FileSize}}})
+	}
+	resp, err := stream.CloseAndReceive()
+	return p, resp, err
 }
 
 // Close removes the temp file.

@@ -29,6 +29,9 @@ type BlobStore interface {
 	// Put stores r under name, durably, verifying the bytes hash to name
 	// and reading at most limit bytes.
 	Put(ctx context.Context, name string, r io.Reader, limit int64) error
+	// PutHashed stores r, durably, under the hex SHA-256 of its bytes,
+	// reading at most limit bytes; it returns the name and the size.
+	PutHashed(ctx context.Context, r io.Reader, limit int64) (string, int64, error)
 	// Open returns the blob for reading, with its size.
 	Open(name string) (io.ReadSeekCloser, int64, error)
 	Has(name string) bool
@@ -82,56 +85,85 @@ func (s *FSBlobStore) path(name string) (string, error) {
 }
 
 // Put writes the blob atomically and durably.
-func (s *FSBlobStore) Put(ctx context.Context, name string, r io.Reader, limit int64) (err error) {
-	final, err := s.path(name)
-	if err != nil {
+func (s *FSBlobStore) Put(ctx context.Context, name string, r io.Reader, limit int64) error {
+	if _, err := s.path(name); err != nil {
 		return err
 	}
-	if s.Has(name) {
+	_, _, err := s.put(ctx, name, r, limit)
+	return err
+}
+
+// PutHashed stores r under the hex SHA-256 of its bytes, atomically and
+// durably, and returns that name and the size.
+func (s *FSBlobStore) PutHashed(ctx context.Context, r io.Reader, limit int64) (string, int64, error) {
+	return s.put(ctx, "", r, limit)
+}
+
+// put stores r under want, or under its hash when want is "".
+func (s *FSBlobStore) put(ctx context.Context, want string, r io.Reader, limit int64) (name string, n int64, err error) {
+	body := &ctxReader{ctx: ctx, r: io.LimitReader(r, limit+1)}
+	if want != "" && s.Has(want) {
 		// Take the bytes anyway (a sender expects them read), and refresh
 		// the blob's age so a sweep of unreferenced blobs spares a blob
 		// that is being uploaded again.
-		if _, err := io.Copy(io.Discard, &ctxReader{ctx: ctx, r: io.LimitReader(r, limit+1)}); err != nil {
-			return err
+		if n, err = io.Copy(io.Discard, body); err != nil {
+			return "", 0, err
 		}
-		now := time.Now()
-		return os.Chtimes(final, now, now)
+		return want, n, s.touch(want)
 	}
 	tmp, err := os.CreateTemp(filepath.Join(s.root, "tmp"), "put-*")
 	if err != nil {
-		return err
+		return "", 0, err
 	}
 	defer func() {
-		if err != nil {
+		if tmp != nil {
 			tmp.Close()
 			os.Remove(tmp.Name())
 		}
 	}()
 	h := sha256.New()
-	n, err := io.Copy(io.MultiWriter(tmp, h), &ctxReader{ctx: ctx, r: io.LimitReader(r, limit+1)})
-	if err != nil {
-		return err
+	if n, err = io.Copy(io.MultiWriter(tmp, h), body); err != nil {
+		return "", 0, err
 	}
 	if n > limit {
-		return fmt.Errorf("%w: blob over the %d-byte limit", raftfsm.ErrTooLarge, limit)
+		return "", 0, fmt.Errorf("%w: blob over the %d-byte limit", raftfsm.ErrTooLarge, limit)
 	}
-	if got := hex.EncodeToString(h.Sum(nil)); got != name {
-		return fmt.Errorf("%w: got %s, want %s", ErrHashMismatch, got, name)
+	name = hex.EncodeToString(h.Sum(nil))
+	if want != "" && name != want {
+		return "", 0, fmt.Errorf("%w: got %s, want %s", ErrHashMismatch, name, want)
+	}
+	if want == "" && s.Has(name) {
+		return name, n, s.touch(name) // the deferred function drops the copy
+	}
+	final, err := s.path(name)
+	if err != nil {
+		return "", 0, err
 	}
 	if err := tmp.Sync(); err != nil {
-		return err
+		return "", 0, err
 	}
 	if err := tmp.Close(); err != nil {
-		return err
+		return "", 0, err
 	}
 	dir := filepath.Dir(final)
 	if err := os.MkdirAll(dir, 0o700); err != nil {
-		return err
+		return "", 0, err
 	}
 	if err := os.Rename(tmp.Name(), final); err != nil {
+		return "", 0, err
+	}
+	tmp = nil
+	return name, n, syncDir(dir)
+}
+
+// touch refreshes a blob's age.
+func (s *FSBlobStore) touch(name string) error {
+	p, err := s.path(name)
+	if err != nil {
 		return err
 	}
-	return syncDir(dir)
+	now := time.Now()
+	return os.Chtimes(p, now, now)
 }
 
 func syncDir(dir string) error {

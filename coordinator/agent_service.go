@@ -398,15 +398,7 @@ func (s agentService) UploadNar(ctx context.Context, stream *connect.ClientStrea
 	if _, err := c.ownLease(a, hdr.LeaseId); err != nil {
 		return nil, rpc.Error(err)
 	}
-	fd, err := raftfsm.ValidNixHash("file_hash", hdr.FileHash)
-	if err != nil {
-		return nil, rpc.Error(err)
-	}
-	if int64(hdr.FileSize) > c.cfg.MaxNarSize || int64(hdr.NarSize) > c.cfg.MaxNarSize {
-		return nil, rpc.Error(fmt.Errorf("%w: NAR over %d bytes", raftfsm.ErrTooLarge, c.cfg.MaxNarSize))
-	}
-	blob := hex.EncodeToString(fd)
-	err = c.blobs.Put(ctx, blob, &narChunks{stream: stream}, int64(hdr.FileSize))
+	fd, blob, err := c.receiveNar(ctx, hdr, &narChunks{stream: stream})
 	if err != nil {
 		return nil, rpc.Error(err)
 	}
@@ -423,12 +415,50 @@ func (s agentService) UploadNar(ctx context.Context, stream *connect.ClientStrea
 	return connect.NewResponse(&kilnv1.UploadNarResponse{Url: rec.Url}), nil
 }
 
+// receiveNar stores an upload's bytes as a blob. A streamed upload (a
+// header without hashes and sizes) is stored under its own hash and must
+// end with a trailer that agrees with what arrived; hdr gets the
+// trailer's values.
+func (c *Coordinator) receiveNar(ctx context.Context, hdr *kilnv1.NarHeader, chunks *narChunks) (fd []byte, blob string, err error) {
+	if streamed := hdr.FileHash == "" && hdr.FileSize == 0 && hdr.NarHash == "" && hdr.NarSize == 0; !streamed {
+		if fd, err = raftfsm.ValidNixHash("file_hash", hdr.FileHash); err != nil {
+			return nil, "", err
+		}
+		if int64(hdr.FileSize) > c.cfg.MaxNarSize || int64(hdr.NarSize) > c.cfg.MaxNarSize {
+			return nil, "", fmt.Errorf("%w: NAR over %d bytes", raftfsm.ErrTooLarge, c.cfg.MaxNarSize)
+		}
+		blob = hex.EncodeToString(fd)
+		return fd, blob, c.blobs.Put(ctx, blob, chunks, int64(hdr.FileSize))
+	}
+	chunks.wantTrailer = true
+	blob, size, err := c.blobs.PutHashed(ctx, chunks, c.cfg.MaxNarSize)
+	if err != nil {
+		return nil, "", err
+	}
+	tr := chunks.trailer
+	if tr == nil {
+		return nil, "", fmt.Errorf("%w: the upload ended without its trailer", raftfsm.ErrInvalid)
+	}
+	if fd, err = raftfsm.ValidNixHash("file_hash", tr.FileHash); err != nil {
+		return nil, "", err
+	}
+	if hex.EncodeToString(fd) != blob || tr.FileSize != uint64(size) {
+		return nil, "", fmt.Errorf("%w: the trailer's FileHash/FileSize do not match the %d bytes sent", raftfsm.ErrInvalid, size)
+	}
+	hdr.FileHash, hdr.FileSize, hdr.NarHash, hdr.NarSize = tr.FileHash, tr.FileSize, tr.NarHash, tr.NarSize
+	return fd, blob, nil
+}
+
 // narChunks reads an upload's zstd chunks as one byte stream, receiving
 // them as the reader asks (in the handler's goroutine, never after it).
+// With wantTrailer, the upload must end with a trailer, kept in trailer;
+// otherwise it must end after its last chunk.
 type narChunks struct {
-	stream *connect.ClientStream[kilnv1.UploadNarRequest]
-	buf    []byte
-	err    error
+	stream      *connect.ClientStream[kilnv1.UploadNarRequest]
+	wantTrailer bool
+	trailer     *kilnv1.NarTrailer
+	buf         []byte
+	err         error
 }
 
 func (r *narChunks) Read(p []byte) (int, error) {
@@ -436,19 +466,45 @@ func (r *narChunks) Read(p []byte) (int, error) {
 		if r.err != nil {
 			return 0, r.err
 		}
-		if !r.stream.Receive() {
-			if r.err = r.stream.Err(); r.err == nil {
-				r.err = io.EOF
-			}
-			continue
-		}
-		if r.buf = r.stream.Msg().GetZstdChunk(); len(r.buf) > 1<<20 {
-			r.buf, r.err = nil, fmt.Errorf("%w: chunk over 1 MiB", raftfsm.ErrTooLarge)
-		}
+		r.err = r.next()
 	}
 	n := copy(p, r.buf)
 	r.buf = r.buf[n:]
 	return n, nil
+}
+
+// next receives one part: a chunk goes to buf; the end is io.EOF.
+func (r *narChunks) next() error {
+	if !r.stream.Receive() {
+		if err := r.stream.Err(); err != nil {
+			return err
+		}
+		if r.wantTrailer {
+			return fmt.Errorf("%w: the upload ended without its trailer", raftfsm.ErrInvalid)
+		}
+		return io.EOF
+	}
+	switch part := r.stream.Msg().Part.(type) {
+	case *kilnv1.UploadNarRequest_ZstdChunk:
+		if len(part.ZstdChunk) > 1<<20 {
+			return fmt.Errorf("%w: chunk over 1 MiB", raftfsm.ErrTooLarge)
+		}
+		r.buf = part.ZstdChunk
+		return nil
+	case *kilnv1.UploadNarRequest_Trailer:
+		if !r.wantTrailer || part.Trailer == nil {
+			return fmt.Errorf("%w: a trailer in an upload whose header has its hashes", raftfsm.ErrInvalid)
+		}
+		if r.stream.Receive() {
+			return fmt.Errorf("%w: parts after the trailer", raftfsm.ErrInvalid)
+		}
+		if err := r.stream.Err(); err != nil {
+			return err
+		}
+		r.trailer = part.Trailer
+		return io.EOF
+	}
+	return fmt.Errorf("%w: an upload's parts after its header are chunks (and a trailer)", raftfsm.ErrInvalid)
 }
 
 func (s agentService) Complete(ctx context.Context, req *connect.Request[kilnv1.CompleteRequest]) (*connect.Response[kilnv1.CompleteResponse], error) {

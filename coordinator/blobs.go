@@ -55,6 +55,17 @@ func (b *localBlobs) Put(ctx context.Context, name string, r io.Reader, limit in
 	return nil
 }
 
+func (b *localBlobs) PutHashed(ctx context.Context, r io.Reader, limit int64) (string, int64, error) {
+	name, n, err := b.BlobStore.PutHashed(ctx, r, limit)
+	if err != nil {
+		return "", 0, err
+	}
+	b.mu.Lock()
+	b.have[name] = true
+	b.mu.Unlock()
+	return name, n, nil
+}
+
 func (b *localBlobs) Has(name string) bool {
 	b.mu.RLock()
 	defer b.mu.RUnlock()

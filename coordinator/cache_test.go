@@ -25,6 +25,7 @@ import (
 // testNar is one store path as a Nix client would push it.
 type testNar struct {
 	path    string
+	nar     []byte // uncompressed
 	zst     []byte
 	blob    string
 	narinfo string
@@ -67,7 +68,7 @@ func makeNar(t *testing.T, name string, mutate func(narSize *int, narHash *[]byt
 	p := storePathFor(name)
 	ni := fmt.Sprintf("StorePath: %s\nURL: nar/%s.nar.zst\nCompression: zstd\nFileHash: sha256:%s\nFileSize: %d\nNarHash: sha256:%s\nNarSize: %d\nReferences: \n",
 		p, nixbase32.EncodeToString(fh[:]), nixbase32.EncodeToString(fh[:]), zst.Len(), nixbase32.EncodeToString(narHash), narSize)
-	return testNar{path: p, zst: zst.Bytes(), blob: hex.EncodeToString(fh[:]), narinfo: ni}
+	return testNar{path: p, nar: narBuf.Bytes(), zst: zst.Bytes(), blob: hex.EncodeToString(fh[:]), narinfo: ni}
 }
 
 func (n testNar) narURL(addr string) string {

@@ -842,6 +842,7 @@ type UploadNarRequest struct {
 	//
 	//	*UploadNarRequest_Header
 	//	*UploadNarRequest_ZstdChunk
+	//	*UploadNarRequest_Trailer
 	Part          isUploadNarRequest_Part `protobuf_oneof:"part"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
@@ -902,6 +903,15 @@ func (x *UploadNarRequest) GetZstdChunk() []byte {
 	return nil
 }
 
+func (x *UploadNarRequest) GetTrailer() *NarTrailer {
+	if x != nil {
+		if x, ok := x.Part.(*UploadNarRequest_Trailer); ok {
+			return x.Trailer
+		}
+	}
+	return nil
+}
+
 type isUploadNarRequest_Part interface {
 	isUploadNarRequest_Part()
 }
@@ -914,9 +924,86 @@ type UploadNarRequest_ZstdChunk struct {
 	ZstdChunk []byte `protobuf:"bytes,2,opt,name=zstd_chunk,json=zstdChunk,proto3,oneof"` // at most 1 MiB
 }
 
+type UploadNarRequest_Trailer struct {
+	// Last, when the header left nar_hash, nar_size, file_hash and
+	// file_size empty: the agent sent while it compressed.
+	Trailer *NarTrailer `protobuf:"bytes,3,opt,name=trailer,proto3,oneof"`
+}
+
 func (*UploadNarRequest_Header) isUploadNarRequest_Part() {}
 
 func (*UploadNarRequest_ZstdChunk) isUploadNarRequest_Part() {}
+
+func (*UploadNarRequest_Trailer) isUploadNarRequest_Part() {}
+
+// NarTrailer carries what a streamed upload's header could not know yet.
+type NarTrailer struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NarHash       string                 `protobuf:"bytes,1,opt,name=nar_hash,json=narHash,proto3" json:"nar_hash,omitempty"` // sha256:<nixbase32>
+	NarSize       uint64                 `protobuf:"varint,2,opt,name=nar_size,json=narSize,proto3" json:"nar_size,omitempty"`
+	FileHash      string                 `protobuf:"bytes,3,opt,name=file_hash,json=fileHash,proto3" json:"file_hash,omitempty"` // of the compressed stream, sha256:<nixbase32>
+	FileSize      uint64                 `protobuf:"varint,4,opt,name=file_size,json=fileSize,proto3" json:"file_size,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *NarTrailer) Reset() {
+	*x = NarTrailer{}
+	mi := &file_kiln_v1_agent_proto_msgTypes[12]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *NarTrailer) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*NarTrailer) ProtoMessage() {}
+
+func (x *NarTrailer) ProtoReflect() protoreflect.Message {
+	mi := &file_kiln_v1_agent_proto_msgTypes[12]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use NarTrailer.ProtoReflect.Descriptor instead.
+func (*NarTrailer) Descriptor() ([]byte, []int) {
+	return file_kiln_v1_agent_proto_rawDescGZIP(), []int{12}
+}
+
+func (x *NarTrailer) GetNarHash() string {
+	if x != nil {
+		return x.NarHash
+	}
+	return ""
+}
+
+func (x *NarTrailer) GetNarSize() uint64 {
+	if x != nil {
+		return x.NarSize
+	}
+	return 0
+}
+
+func (x *NarTrailer) GetFileHash() string {
+	if x != nil {
+		return x.FileHash
+	}
+	return ""
+}
+
+func (x *NarTrailer) GetFileSize() uint64 {
+	if x != nil {
+		return x.FileSize
+	}
+	return 0
+}
 
 type UploadNarResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
@@ -927,7 +1014,7 @@ type UploadNarResponse struct {
 
 func (x *UploadNarResponse) Reset() {
 	*x = UploadNarResponse{}
-	mi := &file_kiln_v1_agent_proto_msgTypes[12]
+	mi := &file_kiln_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -939,7 +1026,7 @@ func (x *UploadNarResponse) String() string {
 func (*UploadNarResponse) ProtoMessage() {}
 
 func (x *UploadNarResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kiln_v1_agent_proto_msgTypes[12]
+	mi := &file_kiln_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -952,7 +1039,7 @@ func (x *UploadNarResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use UploadNarResponse.ProtoReflect.Descriptor instead.
 func (*UploadNarResponse) Descriptor() ([]byte, []int) {
-	return file_kiln_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_kiln_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *UploadNarResponse) GetUrl() string {
@@ -975,7 +1062,7 @@ type CompleteRequest struct {
 
 func (x *CompleteRequest) Reset() {
 	*x = CompleteRequest{}
-	mi := &file_kiln_v1_agent_proto_msgTypes[13]
+	mi := &file_kiln_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -987,7 +1074,7 @@ func (x *CompleteRequest) String() string {
 func (*CompleteRequest) ProtoMessage() {}
 
 func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_kiln_v1_agent_proto_msgTypes[13]
+	mi := &file_kiln_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1000,7 +1087,7 @@ func (x *CompleteRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteRequest.ProtoReflect.Descriptor instead.
 func (*CompleteRequest) Descriptor() ([]byte, []int) {
-	return file_kiln_v1_agent_proto_rawDescGZIP(), []int{13}
+	return file_kiln_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *CompleteRequest) GetLeaseId() uint64 {
@@ -1046,7 +1133,7 @@ type CompleteResponse struct {
 
 func (x *CompleteResponse) Reset() {
 	*x = CompleteResponse{}
-	mi := &file_kiln_v1_agent_proto_msgTypes[14]
+	mi := &file_kiln_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1058,7 +1145,7 @@ func (x *CompleteResponse) String() string {
 func (*CompleteResponse) ProtoMessage() {}
 
 func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_kiln_v1_agent_proto_msgTypes[14]
+	mi := &file_kiln_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1071,7 +1158,7 @@ func (x *CompleteResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use CompleteResponse.ProtoReflect.Descriptor instead.
 func (*CompleteResponse) Descriptor() ([]byte, []int) {
-	return file_kiln_v1_agent_proto_rawDescGZIP(), []int{14}
+	return file_kiln_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 var File_kiln_v1_agent_proto protoreflect.FileDescriptor
@@ -1142,12 +1229,19 @@ const file_kiln_v1_agent_proto_rawDesc = "" +
 	"references\x12\x18\n" +
 	"\aderiver\x18\x06 \x01(\tR\aderiver\x12\x1b\n" +
 	"\tfile_hash\x18\a \x01(\tR\bfileHash\x12\x1b\n" +
-	"\tfile_size\x18\b \x01(\x04R\bfileSize\"i\n" +
+	"\tfile_size\x18\b \x01(\x04R\bfileSize\"\x9a\x01\n" +
 	"\x10UploadNarRequest\x12,\n" +
 	"\x06header\x18\x01 \x01(\v2\x12.kiln.v1.NarHeaderH\x00R\x06header\x12\x1f\n" +
 	"\n" +
-	"zstd_chunk\x18\x02 \x01(\fH\x00R\tzstdChunkB\x06\n" +
-	"\x04part\"%\n" +
+	"zstd_chunk\x18\x02 \x01(\fH\x00R\tzstdChunk\x12/\n" +
+	"\atrailer\x18\x03 \x01(\v2\x13.kiln.v1.NarTrailerH\x00R\atrailerB\x06\n" +
+	"\x04part\"|\n" +
+	"\n" +
+	"NarTrailer\x12\x19\n" +
+	"\bnar_hash\x18\x01 \x01(\tR\anarHash\x12\x19\n" +
+	"\bnar_size\x18\x02 \x01(\x04R\anarSize\x12\x1b\n" +
+	"\tfile_hash\x18\x03 \x01(\tR\bfileHash\x12\x1b\n" +
+	"\tfile_size\x18\x04 \x01(\x04R\bfileSize\"%\n" +
 	"\x11UploadNarResponse\x12\x10\n" +
 	"\x03url\x18\x01 \x01(\tR\x03url\"\xae\x01\n" +
 	"\x0fCompleteRequest\x12\x19\n" +
@@ -1187,7 +1281,7 @@ func file_kiln_v1_agent_proto_rawDescGZIP() []byte {
 }
 
 var file_kiln_v1_agent_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_kiln_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 15)
+var file_kiln_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_kiln_v1_agent_proto_goTypes = []any{
 	(Outcome)(0),              // 0: kiln.v1.Outcome
 	(*RegisterRequest)(nil),   // 1: kiln.v1.RegisterRequest
@@ -1202,34 +1296,36 @@ var file_kiln_v1_agent_proto_goTypes = []any{
 	(*StreamLogResponse)(nil), // 10: kiln.v1.StreamLogResponse
 	(*NarHeader)(nil),         // 11: kiln.v1.NarHeader
 	(*UploadNarRequest)(nil),  // 12: kiln.v1.UploadNarRequest
-	(*UploadNarResponse)(nil), // 13: kiln.v1.UploadNarResponse
-	(*CompleteRequest)(nil),   // 14: kiln.v1.CompleteRequest
-	(*CompleteResponse)(nil),  // 15: kiln.v1.CompleteResponse
-	(*Output)(nil),            // 16: kiln.v1.Output
+	(*NarTrailer)(nil),        // 13: kiln.v1.NarTrailer
+	(*UploadNarResponse)(nil), // 14: kiln.v1.UploadNarResponse
+	(*CompleteRequest)(nil),   // 15: kiln.v1.CompleteRequest
+	(*CompleteResponse)(nil),  // 16: kiln.v1.CompleteResponse
+	(*Output)(nil),            // 17: kiln.v1.Output
 }
 var file_kiln_v1_agent_proto_depIdxs = []int32{
-	16, // 0: kiln.v1.Lease.outputs:type_name -> kiln.v1.Output
+	17, // 0: kiln.v1.Lease.outputs:type_name -> kiln.v1.Output
 	4,  // 1: kiln.v1.Lease.substituters:type_name -> kiln.v1.Substituter
 	5,  // 2: kiln.v1.LeaseResponse.leases:type_name -> kiln.v1.Lease
 	11, // 3: kiln.v1.UploadNarRequest.header:type_name -> kiln.v1.NarHeader
-	0,  // 4: kiln.v1.CompleteRequest.outcome:type_name -> kiln.v1.Outcome
-	1,  // 5: kiln.v1.AgentService.Register:input_type -> kiln.v1.RegisterRequest
-	3,  // 6: kiln.v1.AgentService.Lease:input_type -> kiln.v1.LeaseRequest
-	7,  // 7: kiln.v1.AgentService.Heartbeat:input_type -> kiln.v1.HeartbeatRequest
-	9,  // 8: kiln.v1.AgentService.StreamLog:input_type -> kiln.v1.LogChunk
-	12, // 9: kiln.v1.AgentService.UploadNar:input_type -> kiln.v1.UploadNarRequest
-	14, // 10: kiln.v1.AgentService.Complete:input_type -> kiln.v1.CompleteRequest
-	2,  // 11: kiln.v1.AgentService.Register:output_type -> kiln.v1.RegisterResponse
-	6,  // 12: kiln.v1.AgentService.Lease:output_type -> kiln.v1.LeaseResponse
-	8,  // 13: kiln.v1.AgentService.Heartbeat:output_type -> kiln.v1.HeartbeatResponse
-	10, // 14: kiln.v1.AgentService.StreamLog:output_type -> kiln.v1.StreamLogResponse
-	13, // 15: kiln.v1.AgentService.UploadNar:output_type -> kiln.v1.UploadNarResponse
-	15, // 16: kiln.v1.AgentService.Complete:output_type -> kiln.v1.CompleteResponse
-	11, // [11:17] is the sub-list for method output_type
-	5,  // [5:11] is the sub-list for method input_type
-	5,  // [5:5] is the sub-list for extension type_name
-	5,  // [5:5] is the sub-list for extension extendee
-	0,  // [0:5] is the sub-list for field type_name
+	13, // 4: kiln.v1.UploadNarRequest.trailer:type_name -> kiln.v1.NarTrailer
+	0,  // 5: kiln.v1.CompleteRequest.outcome:type_name -> kiln.v1.Outcome
+	1,  // 6: kiln.v1.AgentService.Register:input_type -> kiln.v1.RegisterRequest
+	3,  // 7: kiln.v1.AgentService.Lease:input_type -> kiln.v1.LeaseRequest
+	7,  // 8: kiln.v1.AgentService.Heartbeat:input_type -> kiln.v1.HeartbeatRequest
+	9,  // 9: kiln.v1.AgentService.StreamLog:input_type -> kiln.v1.LogChunk
+	12, // 10: kiln.v1.AgentService.UploadNar:input_type -> kiln.v1.UploadNarRequest
+	15, // 11: kiln.v1.AgentService.Complete:input_type -> kiln.v1.CompleteRequest
+	2,  // 12: kiln.v1.AgentService.Register:output_type -> kiln.v1.RegisterResponse
+	6,  // 13: kiln.v1.AgentService.Lease:output_type -> kiln.v1.LeaseResponse
+	8,  // 14: kiln.v1.AgentService.Heartbeat:output_type -> kiln.v1.HeartbeatResponse
+	10, // 15: kiln.v1.AgentService.StreamLog:output_type -> kiln.v1.StreamLogResponse
+	14, // 16: kiln.v1.AgentService.UploadNar:output_type -> kiln.v1.UploadNarResponse
+	16, // 17: kiln.v1.AgentService.Complete:output_type -> kiln.v1.CompleteResponse
+	12, // [12:18] is the sub-list for method output_type
+	6,  // [6:12] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_kiln_v1_agent_proto_init() }
@@ -1241,6 +1337,7 @@ func file_kiln_v1_agent_proto_init() {
 	file_kiln_v1_agent_proto_msgTypes[11].OneofWrappers = []any{
 		(*UploadNarRequest_Header)(nil),
 		(*UploadNarRequest_ZstdChunk)(nil),
+		(*UploadNarRequest_Trailer)(nil),
 	}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
@@ -1248,7 +1345,7 @@ func file_kiln_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_kiln_v1_agent_proto_rawDesc), len(file_kiln_v1_agent_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   15,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
