@@ -11,8 +11,12 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
+	"github.com/google/go-cmp/cmp"
 	"github.com/nix-community/go-nix/pkg/narinfo"
+
+	"github.com/kilnci/kiln/raftfsm"
 )
 
 // SampleNarInfo is a real narinfo (exported for the external tests).
@@ -153,6 +157,57 @@ func TestFSBlobStore(t *testing.T) {
 	}
 	if _, _, err := s.Open(name); !errors.Is(err, ErrBlobNotFound) {
 		t.Fatalf("open deleted: %v", err)
+	}
+}
+
+// PutHashed names a blob by its bytes: a new one is stored, one already
+// held is kept (and no second copy made), refusals store nothing.
+func TestFSBlobStorePutHashed(t *testing.T) {
+	root := t.TempDir()
+	s, err := NewFSBlobStore(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	data := bytes.Repeat([]byte("streamed "), 1000)
+	cancelled, cancel := context.WithCancel(context.Background())
+	cancel()
+	for _, tc := range []struct {
+		name    string
+		ctx     context.Context
+		limit   int64
+		wantErr error
+	}{
+		{"new", context.Background(), 1 << 20, nil},
+		{"already held", context.Background(), 1 << 20, nil},
+		{"over the limit", context.Background(), int64(len(data)) - 1, raftfsm.ErrTooLarge},
+		{"cancelled", cancelled, 1 << 20, context.Canceled},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			got, n, err := s.PutHashed(tc.ctx, bytes.NewReader(data), tc.limit)
+			if tc.wantErr != nil {
+				if !errors.Is(err, tc.wantErr) {
+					t.Fatalf("PutHashed = %v, want %v", err, tc.wantErr)
+				}
+				return
+			}
+			if err != nil || got != sha(data) || n != int64(len(data)) {
+				t.Fatalf("PutHashed = %q, %d, %v; want %q, %d", got, n, err, sha(data), len(data))
+			}
+			f, size, err := s.Open(got)
+			if err != nil || size != n {
+				t.Fatalf("open: %v, size %d", err, size)
+			}
+			f.Close()
+		})
+	}
+	tmp, _ := os.ReadDir(filepath.Join(root, "tmp"))
+	if len(tmp) != 0 {
+		t.Fatalf("%d temp files left behind", len(tmp))
+	}
+	var names []string
+	_ = s.List(context.Background(), func(name string, _ time.Time) error { names = append(names, name); return nil })
+	if diff := cmp.Diff([]string{sha(data)}, names); diff != "" {
+		t.Fatalf("stored blobs (-want +got):\n%s", diff)
 	}
 }
 
