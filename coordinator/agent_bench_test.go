@@ -3,6 +3,7 @@ package coordinator
 import (
 	"bytes"
 	"context"
+	"crypto/sha256"
 	"fmt"
 	"io"
 	"math/rand/v2"
@@ -19,9 +20,11 @@ import (
 	"testing"
 	"time"
 
+	"github.com/klauspost/compress/zstd"
 	"github.com/nix-community/go-nix/pkg/nar"
 
 	"github.com/kilnci/kiln/agent"
+	"github.com/kilnci/kiln/cache"
 	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
 	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
@@ -350,28 +353,7 @@ func BenchmarkNarIngest(b *testing.B) {
 	if _, err := exec.LookPath("zstd"); err != nil {
 		b.Fatal("zstd not found: make bench installs it")
 	}
-	const size = 64 << 20
-	// Half random, half repetitive: compresses like a typical output.
-	data := make([]byte, size)
-	rng := rand.New(rand.NewPCG(1, 2))
-	for i := 0; i < size; i += 4096 {
-		if (i/4096)%2 == 0 {
-			for j := i; j < i+4096; j += 8 {
-				v := rng.Uint64()
-				for k := 0; k < 8; k++ {
-					data[j+k] = byte(v >> (8 * k))
-				}
-			}
-		} else {
-			copy(data[i:i+4096], bytes.Repeat([]byte("kiln nar ingest "), 256))
-		}
-	}
-	var narBuf bytes.Buffer
-	nw, _ := nar.NewWriter(&narBuf)
-	_ = nw.WriteHeader(&nar.Header{Path: "/", Type: nar.TypeRegular, Size: size})
-	_, _ = nw.Write(data)
-	_ = nw.Close()
-	narBytes := narBuf.Bytes()
+	narBytes := ingestNar(64 << 20)
 	dir := b.TempDir()
 	narFile := filepath.Join(dir, "bench.nar")
 	if err := os.WriteFile(narFile, narBytes, 0o600); err != nil {
@@ -422,4 +404,72 @@ func BenchmarkNarIngest(b *testing.B) {
 	b.ReportMetric(mbps(kilnBest), "kiln-MB/s")
 	b.ReportMetric(mbps(zstdBest), "zstd-MB/s")
 	b.ReportMetric(mbps(kilnBest)/mbps(zstdBest), "ratio")
+}
+
+// ingestNar is a NAR of one file of size bytes, in 4 KiB runs alternately
+// random and repetitive: it compresses like a typical output.
+func ingestNar(size int) []byte {
+	data := make([]byte, size)
+	rng := rand.New(rand.NewPCG(1, 2))
+	for i := 0; i < size; i += 4096 {
+		if (i/4096)%2 == 0 {
+			for j := i; j < i+4096; j += 8 {
+				v := rng.Uint64()
+				for k := 0; k < 8; k++ {
+					data[j+k] = byte(v >> (8 * k))
+				}
+			}
+		} else {
+			copy(data[i:i+4096], bytes.Repeat([]byte("kiln nar ingest "), 256))
+		}
+	}
+	var buf bytes.Buffer
+	nw, _ := nar.NewWriter(&buf)
+	_ = nw.WriteHeader(&nar.Header{Path: "/", Type: nar.TypeRegular, Size: int64(size)})
+	_, _ = nw.Write(data)
+	_ = nw.Close()
+	return buf.Bytes()
+}
+
+// BenchmarkIngestPasses measures, one goroutine each, the passes over
+// BenchmarkNarIngest's NAR that an upload costs in CPU: zstd at the
+// agent's level, SHA-256 of the NAR (agent), SHA-256 of the compressed
+// file (agent, receiving node, each peer copy) and the NAR check
+// (decompress, parse, SHA-256). Their sum over two cores bounds an ingest
+// on this machine, next to the zstd CLI's compression alone.
+func BenchmarkIngestPasses(b *testing.B) {
+	n := ingestNar(64 << 20)
+	var compress, narHash, fileHash, check time.Duration
+	var zst bytes.Buffer
+	for b.Loop() {
+		zst.Reset()
+		t0 := time.Now()
+		enc, err := zstd.NewWriter(&zst, zstd.WithEncoderConcurrency(1), zstd.WithEncoderLevel(zstd.SpeedDefault))
+		if err != nil {
+			b.Fatal(err)
+		}
+		if _, err := enc.Write(n); err != nil {
+			b.Fatal(err)
+		}
+		if err := enc.Close(); err != nil {
+			b.Fatal(err)
+		}
+		t1 := time.Now()
+		sha256.Sum256(n)
+		t2 := time.Now()
+		sha256.Sum256(zst.Bytes())
+		t3 := time.Now()
+		sum, err := cache.ReadNarZst(bytes.NewReader(zst.Bytes()), uint64(len(n)))
+		if err != nil || sum.Size != uint64(len(n)) {
+			b.Fatalf("check: %v (size %d)", err, sum.Size)
+		}
+		t4 := time.Now()
+		compress, narHash, fileHash, check = compress+t1.Sub(t0), narHash+t2.Sub(t1), fileHash+t3.Sub(t2), check+t4.Sub(t3)
+	}
+	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / float64(b.N) }
+	b.ReportMetric(ms(compress), "compress-ms")
+	b.ReportMetric(ms(narHash), "nar-sha256-ms")
+	b.ReportMetric(ms(fileHash), "file-sha256-ms")
+	b.ReportMetric(ms(check), "check-ms")
+	b.ReportMetric(float64(zst.Len())/(1<<20), "file-MiB")
 }
