@@ -42,10 +42,7 @@ func nixVersion() string {
 
 // nixArgs are the options every Nix call of a lease gets.
 func (a *Agent) nixArgs(l *kilnv1.Lease) []string {
-	var args []string
-	if a.cfg.Store != "" {
-		args = append(args, "--store", a.cfg.Store)
-	}
+	args := a.storeArgs()
 	var urls, keys []string
 	for _, s := range l.Substituters {
 		urls = append(urls, s.Url)
@@ -150,8 +147,7 @@ func (a *Agent) realise(ctx context.Context, l *kilnv1.Lease, ls *logStreamer) (
 	if l.MaxSilentSeconds > 0 {
 		args = append(args, "--max-silent-time", strconv.FormatInt(l.MaxSilentSeconds, 10))
 	}
-	cmd := exec.CommandContext(ctx, "nix-store", args...)
-	cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(a.cfg.WorkDir, "cache"))
+	cmd := a.nixStore(ctx, args...)
 	cmd.WaitDelay = 5 * time.Second
 	stderr, err := cmd.StderrPipe()
 	if err != nil {
@@ -229,14 +225,23 @@ func (a *Agent) realise(ctx context.Context, l *kilnv1.Lease, ls *logStreamer) (
 	return kilnv1.Outcome_OUTCOME_TRANSIENT, fmt.Sprintf("nix-store: %v: %s", err, msg)
 }
 
-func (a *Agent) readLog(ctx context.Context, l *kilnv1.Lease) ([]byte, error) {
-	args := []string{"--read-log", l.DrvPath}
-	if a.cfg.Store != "" {
-		args = append([]string{"--store", a.cfg.Store}, args...)
-	}
+// nixStore is a nix-store command with the agent's cache directory.
+func (a *Agent) nixStore(ctx context.Context, args ...string) *exec.Cmd {
 	cmd := exec.CommandContext(ctx, "nix-store", args...)
 	cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(a.cfg.WorkDir, "cache"))
-	return cmd.Output()
+	return cmd
+}
+
+// storeArgs puts --store STORE (when the agent has its own store) before args.
+func (a *Agent) storeArgs(args ...string) []string {
+	if a.cfg.Store == "" {
+		return args
+	}
+	return append([]string{"--store", a.cfg.Store}, args...)
+}
+
+func (a *Agent) readLog(ctx context.Context, l *kilnv1.Lease) ([]byte, error) {
+	return a.nixStore(ctx, a.storeArgs("--read-log", l.DrvPath)...).Output()
 }
 
 // upload dumps an output to a NAR and streams it up under the lease,
@@ -433,13 +438,7 @@ func (p *PackedNar) Send(ctx context.Context, c kilnv1connect.AgentServiceClient
 
 // references lists a built path's references as basenames.
 func (a *Agent) references(ctx context.Context, path string) ([]string, error) {
-	args := []string{"--query", "--references", path}
-	if a.cfg.Store != "" {
-		args = append([]string{"--store", a.cfg.Store}, args...)
-	}
-	cmd := exec.CommandContext(ctx, "nix-store", args...)
-	cmd.Env = append(os.Environ(), "XDG_CACHE_HOME="+filepath.Join(a.cfg.WorkDir, "cache"))
-	out, err := cmd.Output()
+	out, err := a.nixStore(ctx, a.storeArgs("--query", "--references", path)...).Output()
 	if err != nil {
 		return nil, fmt.Errorf("querying references of %s: %w", path, err)
 	}
