@@ -251,9 +251,13 @@ func (a *Agent) upload(ctx context.Context, l *kilnv1.Lease, path string) error 
 	if err != nil {
 		return err
 	}
-	// The first attempt sends while it compresses; should it fail, the
-	// compressed copy kept on disk is sent again to the next coordinator.
-	dump := func(w io.Writer) error { return nar.DumpPath(w, a.realPath(path)) }
+	return a.sendOutput(ctx, l, path, refs, func(w io.Writer) error { return nar.DumpPath(w, a.realPath(path)) })
+}
+
+// sendOutput uploads the NAR dump writes as output path of the lease. The
+// first attempt sends while it compresses; should it fail, the compressed
+// copy kept on disk is sent again to the next coordinator.
+func (a *Agent) sendOutput(ctx context.Context, l *kilnv1.Lease, path string, refs []string, dump func(io.Writer) error) error {
 	deriver := strings.TrimPrefix(l.DrvPath, storeDir+"/")
 	var packed *PackedNar
 	var packErr error
@@ -262,7 +266,7 @@ func (a *Agent) upload(ctx context.Context, l *kilnv1.Lease, path string) error 
 			packed.Close()
 		}
 	}()
-	_, err = call(ctx, a, func(c kilnv1connect.AgentServiceClient) (*connect.Response[kilnv1.UploadNarResponse], error) {
+	_, err := call(ctx, a, func(c kilnv1connect.AgentServiceClient) (*connect.Response[kilnv1.UploadNarResponse], error) {
 		if packed != nil {
 			return packed.Send(ctx, c, a.cred, packed.Header(l.LeaseId, path, refs, deriver))
 		}
