@@ -299,15 +299,10 @@ type PackedNar struct {
 	FileSize uint64
 }
 
-// PackNar runs dump (which writes a NAR) through zstd into a temp file in
-// dir, hashing the NAR and the compressed file on the way.
-func PackNar(dir string, dump func(io.Writer) error) (*PackedNar, error) {
-	return packNar(dir, dump, nil)
-}
-
-// packNar is PackNar that also writes the compressed bytes to tee, if not
-// nil, as they are made (tee's errors are its own business: it must not
-// fail the packing).
+// packNar runs dump (which writes a NAR) through zstd into a temp file in
+// dir, hashing the NAR and the compressed file on the way, and writes the
+// compressed bytes to tee as they are made (tee must not fail the
+// packing: its errors are its own business).
 func packNar(dir string, dump func(io.Writer) error, tee io.Writer) (*PackedNar, error) {
 	tmp, err := os.CreateTemp(dir, "nar-*.zst")
 	if err != nil {
@@ -315,11 +310,7 @@ func packNar(dir string, dump func(io.Writer) error, tee io.Writer) (*PackedNar,
 	}
 	os.Remove(tmp.Name()) // unlinked: gone when closed
 	fileHash, narHash := sha256.New(), sha256.New()
-	out := io.MultiWriter(tmp, fileHash)
-	if tee != nil {
-		out = io.MultiWriter(tmp, fileHash, tee)
-	}
-	enc, err := zstd.NewWriter(out, zstd.WithEncoderConcurrency(2), zstd.WithEncoderLevel(zstd.SpeedDefault))
+	enc, err := zstd.NewWriter(io.MultiWriter(tmp, fileHash, tee), zstd.WithEncoderConcurrency(2), zstd.WithEncoderLevel(zstd.SpeedDefault))
 	if err != nil {
 		tmp.Close()
 		return nil, err
@@ -351,6 +342,15 @@ type chunkSender struct {
 	err    error
 }
 
+// startUpload opens an UploadNar call and sends its header.
+func startUpload(ctx context.Context, c kilnv1connect.AgentServiceClient, credential string, hdr *kilnv1.NarHeader) *chunkSender {
+	stream := c.UploadNar(ctx)
+	stream.RequestHeader().Set("Authorization", "Bearer "+credential)
+	s := &chunkSender{stream: stream, buf: make([]byte, 0, 1<<20)}
+	s.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}})
+	return s
+}
+
 func (s *chunkSender) Write(p []byte) (int, error) {
 	n := len(p)
 	for len(p) > 0 && s.err == nil {
@@ -371,7 +371,7 @@ func (s *chunkSender) flush() {
 	s.buf = s.buf[:0]
 }
 
-// StreamNar packs a NAR as PackNar does and sends it as one UploadNar call
+// StreamNar packs a NAR (packNar) and sends it as one UploadNar call
 // while it compresses: hdr leaves the hashes and sizes empty (they are not
 // known yet) and a trailer brings them. The packed NAR is returned even
 // when the sending failed, so it can be sent again from its file; it is
@@ -380,27 +380,24 @@ func (s *chunkSender) flush() {
 func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credential, dir string, hdr *kilnv1.NarHeader, maxBytes uint64, dump func(io.Writer) error) (*PackedNar, *connect.Response[kilnv1.UploadNarResponse], error) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream := c.UploadNar(sctx)
-	stream.RequestHeader().Set("Authorization", "Bearer "+credential)
-	sender := &chunkSender{stream: stream, buf: make([]byte, 0, 1<<20)}
-	sender.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}})
+	sender := startUpload(sctx, c, credential, hdr)
 	p, err := packNar(dir, dump, sender)
-	if err == nil && maxBytes > 0 && (p.NarSize > maxBytes || p.FileSize > maxBytes) {
-		err = fmt.Errorf("%d bytes, over the %d-byte limit", p.NarSize, maxBytes)
+	if err == nil && maxBytes > 0 && max(p.NarSize, p.FileSize) > maxBytes {
+		err = fmt.Errorf("%d bytes, over the %d-byte limit", max(p.NarSize, p.FileSize), maxBytes)
 		p.Close()
 		p = nil
 	}
 	if err != nil {
 		cancel() // abandon the upload: no trailer is sent
-		_, _ = stream.CloseAndReceive()
+		_, _ = sender.stream.CloseAndReceive()
 		return nil, nil, err
 	}
 	sender.flush()
 	if sender.err == nil {
-		sender.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
+		sender.err = sender.stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
 			NarHash: p.NarHash, NarSize: p.NarSize, FileHash: p.FileHash, FileSize: p.FileSize}}})
 	}
-	resp, err := stream.CloseAndReceive()
+	resp, err := sender.stream.CloseAndReceive()
 	return p, resp, err
 }
 
@@ -418,26 +415,15 @@ func (p *PackedNar) Send(ctx context.Context, c kilnv1connect.AgentServiceClient
 	if _, err := p.File.Seek(0, io.SeekStart); err != nil {
 		return nil, err
 	}
-	stream := c.UploadNar(ctx)
-	stream.RequestHeader().Set("Authorization", "Bearer "+credential)
-	if err := stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}}); err != nil {
-		return stream.CloseAndReceive()
+	sender := startUpload(ctx, c, credential, hdr)
+	if sender.err == nil {
+		// chunkSender never fails a write: an error here is the file's.
+		if _, err := io.Copy(sender, p.File); err != nil {
+			return nil, err
+		}
+		sender.flush()
 	}
-	buf := make([]byte, 1<<20)
-	for {
-		n, rerr := p.File.Read(buf)
-		if n > 0 {
-			if err := stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: buf[:n]}}); err != nil {
-				return stream.CloseAndReceive()
-			}
-		}
-		if rerr == io.EOF {
-			return stream.CloseAndReceive()
-		}
-		if rerr != nil {
-			return nil, rerr
-		}
-	}
+	return sender.stream.CloseAndReceive()
 }
 
 // references lists a built path's references as basenames.

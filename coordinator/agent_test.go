@@ -76,8 +76,6 @@ func (a *fakeAgent) upload(leaseID uint64, n testNar) error { return a.uploadChu
 
 // uploadChunks is upload with chunks of the given size.
 func (a *fakeAgent) uploadChunks(leaseID uint64, n testNar, chunk int) error {
-	stream := a.client.UploadNar(context.Background())
-	stream.RequestHeader().Set("Authorization", "Bearer "+a.cred)
 	d, _ := hex.DecodeString(n.blob)
 	var narHash, narSize string
 	for _, line := range strings.Split(n.narinfo, "\n") {
@@ -94,17 +92,11 @@ func (a *fakeAgent) uploadChunks(leaseID uint64, n testNar, chunk int) error {
 	}
 	hdr := &kilnv1.NarHeader{LeaseId: leaseID, StorePath: n.path, NarHash: narHash, NarSize: size,
 		FileHash: "sha256:" + nixbase32.EncodeToString(d), FileSize: uint64(len(n.zst))}
-	if err := stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}}); err != nil {
-		return err
-	}
+	parts := []*kilnv1.UploadNarRequest{headerPart(hdr)}
 	for off := 0; off < len(n.zst); off += chunk {
-		end := min(off+chunk, len(n.zst))
-		if err := stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: n.zst[off:end]}}); err != nil {
-			break // the server answered early: CloseAndReceive has why
-		}
+		parts = append(parts, chunkPart(n.zst[off:min(off+chunk, len(n.zst))]))
 	}
-	_, err := stream.CloseAndReceive()
-	return err
+	return a.sendParts(parts...)
 }
 
 func (a *fakeAgent) complete(leaseID uint64, o kilnv1.Outcome) error {

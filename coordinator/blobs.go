@@ -124,7 +124,8 @@ func (c *Coordinator) CommitNar(ctx context.Context, rec *pb.NarInfo, leaseID ui
 	return c.applyOne(ctx, pb.CommandType_COMMAND_TYPE_PUT_NAR_INFO, &pb.PutNarInfo{NarInfo: rec, LeaseId: leaseID})
 }
 
-// PublishLog does the same for a build log.
+// PublishLog makes a build log's blob durable on a quorum of coordinators,
+// then commits its record.
 func (c *Coordinator) PublishLog(ctx context.Context, rec *pb.LogRecord) error {
 	if err := c.ReplicateBlob(ctx, rec.Blob, -1); err != nil {
 		return err

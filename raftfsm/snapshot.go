@@ -109,9 +109,8 @@ func encodeRecords(w io.Writer, txn *memdb.Txn) error {
 	free := make(chan []byte, 3*workers)
 	for range workers {
 		wg.Go(func() {
-			// Size fills each message's size cache, which the marshal
-			// then uses, and the record is encoded straight into out.
-			sizeOpts := proto.MarshalOptions{}
+			// proto.Size fills each message's size cache, which the
+			// marshal then uses, and the record is encoded straight into out.
 			opts := proto.MarshalOptions{UseCachedSize: true}
 			for c := range jobs {
 				select {
@@ -120,7 +119,7 @@ func encodeRecords(w io.Writer, txn *memdb.Txn) error {
 				}
 				for _, m := range c.msgs {
 					c.out = protowire.AppendVarint(c.out, uint64(c.typ))
-					c.out = protowire.AppendVarint(c.out, uint64(sizeOpts.Size(m)))
+					c.out = protowire.AppendVarint(c.out, uint64(proto.Size(m)))
 					if c.out, c.err = opts.MarshalAppend(c.out, m); c.err != nil {
 						break
 					}
