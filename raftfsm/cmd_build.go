@@ -160,12 +160,16 @@ func (w *work) queue(b *pb.Build, graph map[string]*pb.DerivationNode, why strin
 			if b.Project != "" {
 				s.Jobset = b.Project + ":" + b.Jobset
 			}
+			if c.strs != nil {
+				c.strs.step(s)
+			}
 			w.steps[drv] = s
-			for _, in := range n.InputDrvs {
+			for i, in := range n.InputDrvs {
 				is, err := w.mustStep(in)
 				if err != nil {
 					return err
 				}
+				n.InputDrvs[i] = is.DrvPath // one copy of each path: the step's own
 				// A built input never changes state again: no need to
 				// remember who waits on it.
 				if is.State != pb.StepState_STEP_STATE_SUCCEEDED && !slices.Contains(is.Dependents, drv) {

@@ -102,14 +102,11 @@ func applyPutNarInfo(c *applyCtx, m *pb.PutNarInfo) (uint64, error) {
 		return 0, err
 	}
 	if m.LeaseId != 0 {
-		o, err := c.txn.First(tableSteps, "lease", m.LeaseId)
-		if err != nil {
-			return 0, err
-		}
-		if o == nil || o.(*pb.Step).State != pb.StepState_STEP_STATE_LEASED {
+		o := readSteps(c.txn).leased(m.LeaseId)
+		if o == nil || o.State != pb.StepState_STEP_STATE_LEASED {
 			return 0, fmt.Errorf("%w: lease %d is not current", ErrStaleLease, m.LeaseId)
 		}
-		if !slices.ContainsFunc(o.(*pb.Step).Outputs, func(out *pb.Output) bool { return out.Path == n.StorePath }) {
+		if !slices.ContainsFunc(o.Outputs, func(out *pb.Output) bool { return out.Path == n.StorePath }) {
 			return 0, fmt.Errorf("%w: %s is not an output of the leased derivation", ErrInvalid, n.StorePath)
 		}
 	}
@@ -282,15 +279,12 @@ func gcRoots(c *applyCtx, cutoff int64) (map[string]bool, map[string]bool, error
 		}
 	}
 	// Steps some unfinished build needs, and unfinished builds.
-	it, err = c.txn.Get(tableSteps, "id")
-	if err != nil {
-		return nil, nil, err
-	}
-	for o := it.Next(); o != nil; o = it.Next() {
-		if s := o.(*pb.Step); s.Refs > 0 {
+	readSteps(c.txn).each(func(s *pb.Step) bool {
+		if s.Refs > 0 {
 			addOutputs(s.DrvPath, s.Outputs)
 		}
-	}
+		return true
+	})
 	it, err = c.txn.Get(tableBuilds, "state", pb.BuildState_BUILD_STATE_QUEUED)
 	if err != nil {
 		return nil, nil, err

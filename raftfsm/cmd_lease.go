@@ -45,14 +45,11 @@ func applyGrantLease(c *applyCtx, m *pb.GrantLease) (uint64, error) {
 // leasedStep finds the step a lease fences. ok is false for a repeated
 // completion of a step already finished under this very lease.
 func leasedStep(w *work, id uint64) (s *pb.Step, ok bool, err error) {
-	o, err := w.c.txn.First(tableSteps, "lease", id)
-	if err != nil {
-		return nil, false, err
-	}
+	o := readSteps(w.c.txn).leased(id)
 	if o == nil {
 		return nil, false, fmt.Errorf("%w: lease %d is not current", ErrStaleLease, id)
 	}
-	s, err = w.mustStep(o.(*pb.Step).DrvPath)
+	s, err = w.mustStep(o.DrvPath)
 	if err != nil {
 		return nil, false, err
 	}

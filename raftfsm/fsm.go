@@ -47,6 +47,8 @@ type FSM struct {
 	applied atomic.Uint64
 
 	totals totals // build list totals, per version of what was counted
+
+	strs interner // used by the apply goroutine only
 }
 
 var _ raft.BatchingFSM = (*FSM)(nil)
@@ -56,7 +58,7 @@ func New(log *slog.Logger) *FSM {
 	if log == nil {
 		log = slog.New(slog.DiscardHandler)
 	}
-	db, err := memdb.NewMemDB(schema())
+	db, err := newState()
 	if err != nil {
 		panic(fmt.Sprintf("raftfsm: invalid schema: %v", err)) // a programming error
 	}
@@ -113,7 +115,7 @@ func (f *FSM) applyEntry(db *memdb.MemDB, index uint64, data []byte) *EntryResul
 			res.Results[pos].Err = err
 			continue
 		}
-		id, err := h.apply(&applyCtx{txn: txn, now: c.Now, index: index, pos: pos, log: f.log}, msg)
+		id, err := h.apply(&applyCtx{txn: txn, now: c.Now, index: index, pos: pos, log: f.log, strs: &f.strs}, msg)
 		if err != nil {
 			failed = true
 			break
@@ -132,7 +134,7 @@ func (f *FSM) applyEntry(db *memdb.MemDB, index uint64, data []byte) *EntryResul
 			continue
 		}
 		txn := db.Txn(true)
-		id, err := h.apply(&applyCtx{txn: txn, now: c.Now, index: index, pos: pos, log: f.log}, msg)
+		id, err := h.apply(&applyCtx{txn: txn, now: c.Now, index: index, pos: pos, log: f.log, strs: &f.strs}, msg)
 		if err != nil {
 			txn.Abort()
 		} else {
@@ -165,6 +167,7 @@ func (f *FSM) decode(c *pb.Command, index uint64) (handler, proto.Message, error
 // applyCtx is what a command handler sees.
 type applyCtx struct {
 	txn   *memdb.Txn
+	strs  *interner
 	now   int64
 	index uint64
 	pos   int

@@ -193,34 +193,46 @@ func (r *Reader) BuildsOfDrv(drv string) ([]*pb.Build, error) {
 
 // Step returns one step or ErrNotFound.
 func (r *Reader) Step(drv string) (*pb.Step, error) {
-	s, err := first[*pb.Step](r, tableSteps, "id", drv)
-	if err == nil && s == nil {
-		err = fmt.Errorf("%w: step %s", ErrNotFound, drv)
+	if s := readSteps(r.txn).get(drv); s != nil {
+		return s, nil
 	}
-	return s, err
+	return nil, fmt.Errorf("%w: step %s", ErrNotFound, drv)
 }
 
 // StepsIn iterates steps in a state, optionally of one system (and, with
 // system given, one exact feature set), calling fn until it returns false.
-// The iterator's watch channel is added to ws when ws is non-nil.
+// The group's watch channel is added to ws when ws is non-nil (for a
+// feature set, its system's: it may wake more often than needed).
 func (r *Reader) StepsIn(ws memdb.WatchSet, state pb.StepState, systemAndFeatures ...string) (func(fn func(*pb.Step) bool), error) {
-	args := []any{state}
-	for _, s := range systemAndFeatures {
-		args = append(args, s)
-	}
-	it, err := r.txn.Get(tableSteps, "sched_prefix", args...)
-	if err != nil {
-		return nil, err
-	}
-	if ws != nil {
-		ws.Add(it.WatchCh())
-	}
-	return func(fn func(*pb.Step) bool) {
-		for o := it.Next(); o != nil; o = it.Next() {
-			if !fn(o.(*pb.Step)) {
-				return
+	t := readSteps(r.txn)
+	var system string
+	var features []string
+	if len(systemAndFeatures) > 0 {
+		system = systemAndFeatures[0]
+		if len(systemAndFeatures) > 1 {
+			if features = strings.Split(systemAndFeatures[1], ","); systemAndFeatures[1] == "" {
+				features = nil
 			}
 		}
+	}
+	if ws != nil {
+		ws.Add(t.watchCh(watchKey{state, system}))
+	}
+	match := func(s *pb.Step) bool {
+		switch {
+		case s.State != state:
+			return false
+		case len(systemAndFeatures) == 0:
+			return true
+		case s.System != system:
+			return false
+		}
+		return len(systemAndFeatures) == 1 || slices.Equal(s.RequiredFeatures, features)
+	}
+	return func(fn func(*pb.Step) bool) {
+		t.sched.Ascend(groupStart(state, system, features), func(s *pb.Step) bool {
+			return match(s) && fn(s)
+		})
 	}, nil
 }
 
@@ -322,9 +334,10 @@ func (r *Reader) Dump() (*Dump, error) {
 	if d.Evals, err = all[*pb.Eval](r.txn.Get(tableEvals, "id")); err != nil {
 		return nil, err
 	}
-	if d.Steps, err = all[*pb.Step](r.txn.Get(tableSteps, "id")); err != nil {
-		return nil, err
-	}
+	readSteps(r.txn).each(func(s *pb.Step) bool {
+		d.Steps = append(d.Steps, s)
+		return true
+	})
 	if d.Builds, err = all[*pb.Build](r.txn.Get(tableBuilds, "id")); err != nil {
 		return nil, err
 	}

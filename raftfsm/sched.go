@@ -4,6 +4,7 @@ import (
 	"slices"
 
 	"github.com/hashicorp/go-memdb"
+	"github.com/tidwall/btree"
 
 	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
 )
@@ -93,46 +94,44 @@ const fairCandidates = 32
 // channels of what it read go to ws (when not nil), so a long-poll wakes
 // when fitting work may have appeared.
 func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, skip func(drv string) bool, fair *FairShare) ([]*pb.Step, error) {
-	var heads []*pb.Step             // the best candidate of each fitting group, in turn
-	var iters []memdb.ResultIterator // *pushBack
+	t := readSteps(r.txn)
+	const runnable = pb.StepState_STEP_STATE_RUNNABLE
+	var groups []*groupIter // one per fitting group
+	defer func() {
+		for _, g := range groups {
+			g.it.Release()
+		}
+	}()
 	for _, system := range a.Systems {
 		if ws != nil {
-			it, err := r.txn.Get(tableSteps, "sched_prefix", pb.StepState_STEP_STATE_RUNNABLE, system)
-			if err != nil {
-				return nil, err
-			}
-			ws.Add(it.WatchCh())
+			ws.Add(t.watchCh(watchKey{runnable, system}))
 		}
-		from := ""
+		probe := groupStart(runnable, system, nil)
 		for {
-			it, err := r.txn.LowerBound(tableSteps, "sched", pb.StepState_STEP_STATE_RUNNABLE, system, from)
-			if err != nil {
-				return nil, err
-			}
-			o := it.Next()
-			if o == nil {
+			g := &groupIter{}
+			g.it.Init(t.sched, false)
+			if !g.it.Seek(probe) {
+				g.it.Release()
 				break
 			}
-			s := o.(*pb.Step)
-			if s.State != pb.StepState_STEP_STATE_RUNNABLE || s.System != system {
+			s := g.it.Item()
+			if s.State != runnable || s.System != system {
+				g.it.Release()
 				break
 			}
-			fk := FeaturesKey(s.RequiredFeatures)
 			if Fits(a, system, s.RequiredFeatures) {
-				// Keep this group's iterator, positioned at its first step.
-				heads = append(heads, nil)
-				iters = append(iters, &pushBack{first: o, rest: it, system: system, group: fk})
+				g.first = s
+				groups = append(groups, g)
+			} else {
+				g.it.Release()
 			}
-			from = fk + "\x01" // sorts after every key of this group
+			probe = groupEnd(runnable, system, s.RequiredFeatures) // the next group
 		}
 	}
-	// Merge the groups: take the best head, advance its group.
+	// next returns a group's next step the agent may take now, or nil at
+	// the group's end.
 	next := func(i int) *pb.Step {
-		for o := iters[i].Next(); o != nil; o = iters[i].Next() {
-			s := o.(*pb.Step)
-			if g := iters[i].(*pushBack); s.State != pb.StepState_STEP_STATE_RUNNABLE || s.System != g.system || FeaturesKey(s.RequiredFeatures) != g.group {
-				return nil
-			}
+		for s := groups[i].next(); s != nil; s = groups[i].next() {
 			if s.NotBefore > now || (skip != nil && skip(s.DrvPath)) {
 				continue
 			}
@@ -141,9 +140,10 @@ func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, 
 		return nil
 	}
 	if fair != nil {
-		return pickFair(iters, next, n, fair), nil
+		return pickFair(len(groups), next, n, fair), nil
 	}
-	for i := range iters {
+	heads := make([]*pb.Step, len(groups))
+	for i := range groups {
 		heads[i] = next(i)
 	}
 	var out []*pb.Step
@@ -163,31 +163,41 @@ func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, 
 	return out, nil
 }
 
-// pushBack is an iterator whose first result was already read, walking
-// one (system, feature set) group.
-type pushBack struct {
-	first         any
-	rest          memdb.ResultIterator
-	system, group string
+// groupIter walks one (runnable, system, features) group of the
+// scheduler's tree from its first step, first.
+type groupIter struct {
+	it    btree.IterG[*pb.Step]
+	first *pb.Step
+	at    *pb.Step // the last step returned
+	done  bool
 }
 
-func (p *pushBack) WatchCh() <-chan struct{} { return p.rest.WatchCh() }
-
-func (p *pushBack) Next() any {
-	if p.first != nil {
-		o := p.first
-		p.first = nil
-		return o
+func (g *groupIter) next() *pb.Step {
+	switch {
+	case g.done:
+		return nil
+	case g.at == nil:
+		g.at = g.first
+		return g.at
+	case !g.it.Next():
+		g.done = true
+		return nil
 	}
-	return p.rest.Next()
+	s := g.it.Item()
+	if s.State != g.first.State || s.System != g.first.System || !slices.Equal(s.RequiredFeatures, g.first.RequiredFeatures) {
+		g.done = true
+		return nil
+	}
+	g.at = s
+	return s
 }
 
 // pickFair takes the best few steps of each group and orders them by
 // priority, then the load of their jobset (updated as steps are picked),
 // then age.
-func pickFair(iters []memdb.ResultIterator, next func(int) *pb.Step, n int, fair *FairShare) []*pb.Step {
+func pickFair(groups int, next func(int) *pb.Step, n int, fair *FairShare) []*pb.Step {
 	var cands []*pb.Step
-	for i := range iters {
+	for i := range groups {
 		for k := 0; k < max(n, fairCandidates); k++ {
 			s := next(i)
 			if s == nil {

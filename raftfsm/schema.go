@@ -12,18 +12,19 @@ import (
 
 // Table names.
 const (
-	tableProjects = "projects"
-	tableJobsets  = "jobsets"
-	tableEvals    = "evals"
-	tableBuilds   = "builds"
-	tableSteps    = "steps"
-	tableLeases   = "leases"
-	tableNodes    = "nodes"
-	tableNarInfos = "narinfos"
-	tableLogs     = "logs"
-	tablePins     = "pins"
-	tableAgents   = "agents"
-	tableUsers    = "users"
+	tableProjects  = "projects"
+	tableJobsets   = "jobsets"
+	tableEvals     = "evals"
+	tableBuilds    = "builds"
+	tableSteps     = "steps" // names step records in snapshots and errors
+	tableStepTable = "steptable"
+	tableLeases    = "leases"
+	tableNodes     = "nodes"
+	tableNarInfos  = "narinfos"
+	tableLogs      = "logs"
+	tablePins      = "pins"
+	tableAgents    = "agents"
+	tableUsers     = "users"
 )
 
 // keyFunc builds an index key from an object; argsFunc from query arguments.
@@ -114,22 +115,6 @@ func logArgs(args ...any) ([]byte, error) {
 	return k, nil
 }
 
-// stateSystemArgs takes (state [, system [, featuresKey]]).
-func stateSystemArgs(args ...any) ([]byte, error) {
-	if len(args) == 0 {
-		return nil, fmt.Errorf("want a state argument")
-	}
-	st, ok := args[0].(pb.StepState)
-	if !ok {
-		return nil, fmt.Errorf("state argument: want StepState, got %T", args[0])
-	}
-	rest, err := argStrings(args[1:])
-	if err != nil {
-		return nil, err
-	}
-	return append([]byte{byte(st)}, strKey(rest...)...), nil
-}
-
 func buildStateArgs(args ...any) ([]byte, error) {
 	if len(args) != 1 {
 		return nil, fmt.Errorf("want one state argument")
@@ -139,15 +124,6 @@ func buildStateArgs(args ...any) ([]byte, error) {
 		return nil, fmt.Errorf("state argument: want BuildState, got %T", args[0])
 	}
 	return []byte{byte(st)}, nil
-}
-
-// schedKey orders steps for the scheduler within a (state, system,
-// features) group. memdb appends the step's id to make it unique.
-func schedKey(s *pb.Step) []byte {
-	k := append([]byte{byte(s.State)}, strKey(s.System, FeaturesKey(s.RequiredFeatures))...)
-	k = binary.BigEndian.AppendUint64(k, ^(uint64(s.GlobalPriority) ^ 1<<63))
-	k = binary.BigEndian.AppendUint32(k, ^(uint32(s.Priority) ^ 1<<31))
-	return binary.BigEndian.AppendUint64(k, uint64(s.CreatedAt)^1<<63)
 }
 
 // FeaturesKey is the canonical form of a feature set used in indexes.
@@ -193,20 +169,10 @@ func schema() *memdb.DBSchema {
 				return strKey(o.(*pb.Build).DrvPath), true, nil
 			}, stringsArgs),
 		}},
-		tableSteps: {Name: tableSteps, Indexes: map[string]*memdb.IndexSchema{
-			"id": idx("id", true, func(o any) ([]byte, bool, error) {
-				return strKey(o.(*pb.Step).DrvPath), true, nil
-			}, stringsArgs),
-			// (state, system, features), then the scheduler's order:
-			// global priority and priority descending, age ascending.
-			"sched": idx("sched", false, func(o any) ([]byte, bool, error) {
-				return schedKey(o.(*pb.Step)), true, nil
-			}, stateSystemArgs),
-			// the lease a step is (or was last) leased under, for fencing.
-			"lease": {Name: "lease", Unique: true, AllowMissing: true, Indexer: funcIndex{func(o any) ([]byte, bool, error) {
-				s := o.(*pb.Step)
-				return u64(s.LeaseId), s.LeaseId != 0, nil
-			}, uintArgs}},
+		// Steps live in B-trees held by this table's one row (steps.go).
+		tableStepTable: {Name: tableStepTable, Indexes: map[string]*memdb.IndexSchema{
+			"id": idx("id", true, func(any) ([]byte, bool, error) { return []byte{0}, true, nil },
+				func(...any) ([]byte, error) { return []byte{0}, nil }),
 		}},
 		tableLeases: {Name: tableLeases, Indexes: map[string]*memdb.IndexSchema{
 			"id": idx("id", true, func(o any) ([]byte, bool, error) {

@@ -165,21 +165,22 @@ func encodeRecords(w io.Writer, txn *memdb.Txn) error {
 	}
 	walkErr := func() error {
 		for _, rt := range recordTables {
-			it, err := txn.Get(rt.table, "id")
-			if err != nil {
-				return err
-			}
 			c := &snapshotChunk{typ: rt.typ, table: rt.table, done: make(chan struct{})}
-			for o := it.Next(); o != nil; o = it.Next() {
-				c.msgs = append(c.msgs, o.(proto.Message))
+			sent := true
+			add := func(m proto.Message) bool {
+				c.msgs = append(c.msgs, m)
 				if len(c.msgs) == snapshotChunkLen {
-					if !send(c) {
-						return nil
+					if sent = send(c); !sent {
+						return false
 					}
 					c = &snapshotChunk{typ: rt.typ, table: rt.table, done: make(chan struct{})}
 				}
+				return true
 			}
-			if len(c.msgs) > 0 && !send(c) {
+			if err := eachRecord(txn, rt.table, add); err != nil {
+				return err
+			}
+			if !sent || len(c.msgs) > 0 && !send(c) {
 				return nil
 			}
 		}
@@ -192,6 +193,22 @@ func encodeRecords(w io.Writer, txn *memdb.Txn) error {
 		return err
 	}
 	return walkErr
+}
+
+// eachRecord calls fn with every record of a table in id order until it
+// returns false.
+func eachRecord(txn *memdb.Txn, table string, fn func(proto.Message) bool) error {
+	if table == tableSteps {
+		readSteps(txn).each(func(s *pb.Step) bool { return fn(s) })
+		return nil
+	}
+	it, err := txn.Get(table, "id")
+	if err != nil {
+		return err
+	}
+	for o := it.Next(); o != nil && fn(o.(proto.Message)); o = it.Next() {
+	}
+	return nil
 }
 
 // readSnapshot builds a fresh state from a snapshot stream.
@@ -212,7 +229,7 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 	if hdr.Version != snapshotVersion {
 		return nil, nil, fmt.Errorf("%w: snapshot version %d, this build reads %d", ErrInvalid, hdr.Version, snapshotVersion)
 	}
-	db, err := memdb.NewMemDB(schema())
+	db, err := newState()
 	if err != nil {
 		return nil, nil, err
 	}
@@ -227,8 +244,23 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 	}()
 	txn := db.Txn(true)
 	defer txn.Abort()
+	var steps *stepTable
+	var strs interner
+	paths := map[string]string{} // each step's path, for sharing below
 	for batch := range batches {
 		for _, rec := range batch {
+			if rec.table == tableSteps {
+				if steps == nil {
+					if steps, err = writeSteps(txn); err != nil {
+						return nil, nil, fmt.Errorf("restore %s: %w", rec.table, err)
+					}
+				}
+				s := rec.msg.(*pb.Step)
+				strs.step(s)
+				paths[s.DrvPath] = s.DrvPath
+				steps.put(txn, s)
+				continue
+			}
 			if err := txn.Insert(rec.table, rec.msg); err != nil {
 				return nil, nil, fmt.Errorf("restore %s: %w", rec.table, err)
 			}
@@ -236,6 +268,24 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 	}
 	if err := <-decodeErr; err != nil {
 		return nil, nil, err
+	}
+	if steps != nil {
+		// Inputs and dependents name other steps: one copy of each path,
+		// as applying the commands left it (not yet published: the
+		// records may still change).
+		steps.each(func(s *pb.Step) bool {
+			for i, in := range s.InputDrvs {
+				if p, ok := paths[in]; ok {
+					s.InputDrvs[i] = p
+				}
+			}
+			for i, d := range s.Dependents {
+				if p, ok := paths[d]; ok {
+					s.Dependents[i] = p
+				}
+			}
+			return true
+		})
 	}
 	txn.Commit()
 	return db, &hdr, nil

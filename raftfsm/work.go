@@ -27,11 +27,11 @@ func (w *work) step(drv string) (*pb.Step, error) {
 	if s, ok := w.steps[drv]; ok {
 		return s, nil
 	}
-	o, err := w.c.txn.First(tableSteps, "id", drv)
-	if err != nil || o == nil {
-		return nil, err
+	o := readSteps(w.c.txn).get(drv)
+	if o == nil {
+		return nil, nil
 	}
-	s := proto.Clone(o.(*pb.Step)).(*pb.Step)
+	s := proto.Clone(o).(*pb.Step)
 	w.steps[drv] = s
 	return s, nil
 }
@@ -62,9 +62,13 @@ func (w *work) build(id uint64) (*pb.Build, error) {
 
 // flush writes every working copy back, in key order.
 func (w *work) flush() error {
-	for _, k := range sortedKeys(w.steps) {
-		if err := w.c.txn.Insert(tableSteps, w.steps[k]); err != nil {
+	if len(w.steps) > 0 {
+		t, err := writeSteps(w.c.txn)
+		if err != nil {
 			return err
+		}
+		for _, k := range sortedKeys(w.steps) {
+			t.put(w.c.txn, w.steps[k])
 		}
 	}
 	for _, k := range sortedKeys(w.builds) {

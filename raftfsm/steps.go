@@ -1,0 +1,297 @@
+package raftfsm
+
+import (
+	"cmp"
+	"maps"
+	"math"
+	"slices"
+	"strings"
+
+	"github.com/hashicorp/go-memdb"
+	"github.com/tidwall/btree"
+
+	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+)
+
+// Steps are not stored as go-memdb rows. A million queued steps made
+// memdb's radix trees most of the heap (≈ 450 bytes per index entry, two
+// entries per step) and most of the cost of every write. They live in
+// copy-on-write B-trees (tidwall/btree: items packed in nodes of up to 63,
+// a few bytes of overhead each), one version of which is the single row of
+// memdb table tableStepTable. memdb's transactions therefore still make a
+// step write atomic with everything else a command writes, aborted
+// transactions leave no trace, and a reader sees the steps of its own
+// transaction's version.
+//
+// A version is changed in place only by the write transaction that copied
+// it (its owner); published versions are never written again, so readers
+// and snapshots may walk them concurrently with later writes.
+type stepTable struct {
+	owner   *memdb.Txn                 // the write transaction that may change this version; nil once committed
+	byDrv   *btree.BTreeG[drvItem]     // every step, by derivation path
+	sched   *btree.BTreeG[*pb.Step]    // every step, in schedCmp order
+	byLease *btree.BTreeG[leaseItem]   // steps with a lease ID, by it
+	watch   map[watchKey]chan struct{} // closed when a step of the group changes
+	added   chan struct{}              // closed when watch gains a group
+	fresh   map[watchKey]bool          // groups whose channel the owner replaced
+	grown   bool                       // the owner replaced added
+}
+
+type drvItem struct {
+	drv string
+	s   *pb.Step
+}
+
+type leaseItem struct {
+	id uint64
+	s  *pb.Step
+}
+
+// watchKey names a group of steps long-polls may wait on: one state, and
+// one system or ("") every system.
+type watchKey struct {
+	state  pb.StepState
+	system string
+}
+
+const stepDegree = 32 // tidwall/btree's default: nodes of 31–63 items
+
+func newStepTable() *stepTable {
+	opts := btree.Options{Degree: stepDegree, NoLocks: true}
+	return &stepTable{
+		byDrv:   btree.NewBTreeGOptions(func(a, b drvItem) bool { return a.drv < b.drv }, opts),
+		sched:   btree.NewBTreeGOptions(func(a, b *pb.Step) bool { return schedCmp(a, b) < 0 }, opts),
+		byLease: btree.NewBTreeGOptions(func(a, b leaseItem) bool { return a.id < b.id }, opts),
+		watch:   map[watchKey]chan struct{}{},
+		added:   make(chan struct{}),
+	}
+}
+
+// schedCmp orders steps by state, system, required features, then the
+// scheduler's order within a group: global priority and priority
+// descending, age ascending, derivation path. Each (state, system,
+// features) group is one contiguous run.
+func schedCmp(a, b *pb.Step) int {
+	if c := cmp.Compare(a.State, b.State); c != 0 {
+		return c
+	}
+	if c := strings.Compare(a.System, b.System); c != 0 {
+		return c
+	}
+	if c := slices.Compare(a.RequiredFeatures, b.RequiredFeatures); c != 0 {
+		return c
+	}
+	if c := cmp.Compare(b.GlobalPriority, a.GlobalPriority); c != 0 {
+		return c
+	}
+	if c := cmp.Compare(b.Priority, a.Priority); c != 0 {
+		return c
+	}
+	if c := cmp.Compare(a.CreatedAt, b.CreatedAt); c != 0 {
+		return c
+	}
+	return strings.Compare(a.DrvPath, b.DrvPath)
+}
+
+// groupStart sorts before every step of a (state, system, features) group
+// and after every step of the groups before it; with system "" (and no
+// features), before every step of the state.
+func groupStart(state pb.StepState, system string, features []string) *pb.Step {
+	return &pb.Step{State: state, System: system, RequiredFeatures: features,
+		GlobalPriority: math.MaxInt64, Priority: math.MaxInt32, CreatedAt: math.MinInt64}
+}
+
+// groupEnd sorts after every step of a group (real derivation paths start
+// with "/") and before every step of the groups after it.
+func groupEnd(state pb.StepState, system string, features []string) *pb.Step {
+	return &pb.Step{State: state, System: system, RequiredFeatures: features,
+		GlobalPriority: math.MinInt64, Priority: math.MinInt32, CreatedAt: math.MaxInt64, DrvPath: "\xff"}
+}
+
+// readSteps returns the version of the steps txn sees.
+func readSteps(txn *memdb.Txn) *stepTable {
+	o, err := txn.First(tableStepTable, "id")
+	if err != nil {
+		panic("raftfsm: step table lookup: " + err.Error()) // only a schema mistake makes First fail
+	}
+	if o == nil {
+		panic("raftfsm: state without a step table") // newState makes one
+	}
+	return o.(*stepTable)
+}
+
+// writeSteps returns the version of the steps txn may change: on the
+// transaction's first write, a copy of the current one (its B-trees share
+// every node until one is written), stored as the table's row.
+func writeSteps(txn *memdb.Txn) (*stepTable, error) {
+	cur := readSteps(txn)
+	if cur.owner == txn {
+		return cur, nil
+	}
+	t := &stepTable{byDrv: cur.byDrv.Copy(), sched: cur.sched.Copy(), byLease: cur.byLease.Copy(),
+		watch: cur.watch, added: cur.added}
+	return t, t.own(txn)
+}
+
+// own makes txn the table's writer and stores it as the table's row.
+func (t *stepTable) own(txn *memdb.Txn) error {
+	t.owner = txn
+	if err := txn.Insert(tableStepTable, t); err != nil {
+		return err
+	}
+	// Once committed the version is published: nobody writes it again.
+	txn.Defer(func() { t.owner, t.fresh, t.grown = nil, nil, false })
+	return nil
+}
+
+// newState returns an empty state: memdb's tables and an empty step table.
+func newState() (*memdb.MemDB, error) {
+	db, err := memdb.NewMemDB(schema())
+	if err != nil {
+		return nil, err
+	}
+	txn := db.Txn(true)
+	if err := newStepTable().own(txn); err != nil {
+		txn.Abort()
+		return nil, err
+	}
+	txn.Commit()
+	return db, nil
+}
+
+// get returns a stored step, or nil.
+func (t *stepTable) get(drv string) *pb.Step {
+	it, ok := t.byDrv.Get(drvItem{drv: drv})
+	if !ok {
+		return nil
+	}
+	return it.s
+}
+
+// leased returns the step whose lease ID (current or last) is id, or nil.
+func (t *stepTable) leased(id uint64) *pb.Step {
+	it, ok := t.byLease.Get(leaseItem{id: id})
+	if !ok {
+		return nil
+	}
+	return it.s
+}
+
+// put stores s (a new record, never one already stored), replacing the
+// step of its derivation, and schedules the watch channels of the groups
+// it leaves and joins to close when txn commits.
+func (t *stepTable) put(txn *memdb.Txn, s *pb.Step) {
+	prev, had := t.byDrv.Set(drvItem{s.DrvPath, s})
+	if had {
+		old := prev.s
+		if schedCmp(old, s) != 0 {
+			t.sched.Delete(old)
+		}
+		if old.LeaseId != 0 && old.LeaseId != s.LeaseId {
+			t.byLease.Delete(leaseItem{id: old.LeaseId})
+		}
+		t.touch(txn, old.State, old.System)
+	}
+	t.sched.Set(s) // replaces old when their keys are equal
+	if s.LeaseId != 0 {
+		t.byLease.Set(leaseItem{s.LeaseId, s})
+	}
+	t.touch(txn, s.State, s.System)
+}
+
+func (t *stepTable) touch(txn *memdb.Txn, state pb.StepState, system string) {
+	t.replace(txn, watchKey{state, ""})
+	t.replace(txn, watchKey{state, system})
+}
+
+// replace gives a group a new watch channel in this version and closes
+// the old one once txn commits (an aborted transaction closes nothing).
+func (t *stepTable) replace(txn *memdb.Txn, k watchKey) {
+	if t.fresh[k] {
+		return
+	}
+	if t.fresh == nil {
+		t.fresh = map[watchKey]bool{}
+		t.watch = maps.Clone(t.watch) // the published version's map is shared
+	}
+	t.fresh[k] = true
+	old, ok := t.watch[k]
+	if !ok && !t.grown {
+		old, t.added, t.grown = t.added, make(chan struct{}), true
+		ok = true
+	}
+	t.watch[k] = make(chan struct{})
+	if ok {
+		txn.Defer(func() { close(old) })
+	}
+}
+
+// watchCh is closed when a step of the group changes.
+func (t *stepTable) watchCh(k watchKey) <-chan struct{} {
+	if ch, ok := t.watch[k]; ok {
+		return ch
+	}
+	return t.added
+}
+
+// each calls fn for every step in derivation order until it returns false.
+func (t *stepTable) each(fn func(*pb.Step) bool) {
+	t.byDrv.Scan(func(it drvItem) bool { return fn(it.s) })
+}
+
+// interner shares the strings many steps repeat (systems, jobsets,
+// features), so a million steps hold one copy of each, not a million.
+// It only saves memory: the state is the same with or without it.
+type interner struct {
+	strs  map[string]string
+	feats map[string][]string
+}
+
+// maxInterned bounds what an interner keeps; past it, values are kept as given.
+const maxInterned = 1 << 14
+
+func (n *interner) str(s string) string {
+	if v, ok := n.strs[s]; ok {
+		return v
+	}
+	if n.strs == nil {
+		n.strs = map[string]string{}
+	}
+	if len(n.strs) < maxInterned {
+		n.strs[s] = s
+	}
+	return s
+}
+
+// features returns a shared copy of a sorted feature list (nil when empty).
+// Records are never modified in place, so sharing the slice is safe.
+func (n *interner) features(fs []string) []string {
+	if len(fs) == 0 {
+		return nil
+	}
+	k := FeaturesKey(fs)
+	if v, ok := n.feats[k]; ok {
+		return v
+	}
+	if n.feats == nil {
+		n.feats = map[string][]string{}
+	}
+	fs = slices.Clone(fs)
+	for i, f := range fs {
+		fs[i] = n.str(f)
+	}
+	if len(n.feats) < maxInterned {
+		n.feats[k] = fs
+	}
+	return fs
+}
+
+// step interns the repeated strings of a step that is not stored yet.
+func (n *interner) step(s *pb.Step) {
+	s.System = n.str(s.System)
+	s.Jobset = n.str(s.Jobset)
+	s.RequiredFeatures = n.features(s.RequiredFeatures)
+	for _, o := range s.Outputs {
+		o.Name = n.str(o.Name)
+	}
+}

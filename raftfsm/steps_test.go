@@ -1,0 +1,163 @@
+package raftfsm
+
+import (
+	"testing"
+
+	"github.com/google/go-cmp/cmp"
+	"github.com/hashicorp/go-memdb"
+
+	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+)
+
+// fired reports whether any channel of a watch set is closed.
+func fired(ws memdb.WatchSet) bool {
+	for ch := range ws {
+		select {
+		case <-ch:
+			return true
+		default:
+		}
+	}
+	return false
+}
+
+// TestStepWatch: a long-poll waiting for runnable work of a system wakes
+// when such work changes, and only then.
+func TestStepWatch(t *testing.T) {
+	x86 := &pb.Agent{Systems: []string{"x86_64-linux"}}
+	arm := &pb.Agent{Systems: []string{"aarch64-linux"}}
+	tests := []struct {
+		name     string
+		before   []*pb.DerivationNode // submitted before the watch starts
+		change   func(a *applier)
+		x86, arm bool // whether each agent's long-poll wakes
+	}{
+		{"first step of a system ever", nil, func(a *applier) { a.submitNode(featNode("n", "x86_64-linux")) }, true, true},
+		{"runnable x86 step queued", []*pb.DerivationNode{featNode("a", "aarch64-linux"), featNode("x", "x86_64-linux")},
+			func(a *applier) { a.submitNode(featNode("n", "x86_64-linux")) }, true, false},
+		{"runnable arm step queued", []*pb.DerivationNode{featNode("a", "aarch64-linux"), featNode("x", "x86_64-linux")},
+			func(a *applier) { a.submitNode(featNode("n", "aarch64-linux")) }, false, true},
+		{"x86 step leased", []*pb.DerivationNode{featNode("a", "aarch64-linux"), featNode("x", "x86_64-linux")},
+			func(a *applier) { a.grant("x") }, true, false},
+		{"a failed command changes nothing", []*pb.DerivationNode{featNode("a", "aarch64-linux"), featNode("x", "x86_64-linux")},
+			func(a *applier) {
+				if r := a.one(grantT, &pb.GrantLease{AgentId: "a1", DrvPath: drv("missing"), TtlSeconds: 30}); r.Err == nil {
+					a.t.Fatal("grant of an unknown step succeeded")
+				}
+			}, false, false},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			a := newApplier(t)
+			for _, n := range tt.before {
+				a.submitNode(n)
+			}
+			wsX, wsA := memdb.NewWatchSet(), memdb.NewWatchSet()
+			r := a.f.Read()
+			if _, err := r.PickRunnable(wsX, x86, a.now, 1, nil, nil); err != nil {
+				t.Fatal(err)
+			}
+			if _, err := r.PickRunnable(wsA, arm, a.now, 1, nil, nil); err != nil {
+				t.Fatal(err)
+			}
+			tt.change(a)
+			if got := fired(wsX); got != tt.x86 {
+				t.Errorf("x86 long-poll woke: %v, want %v", got, tt.x86)
+			}
+			if got := fired(wsA); got != tt.arm {
+				t.Errorf("arm long-poll woke: %v, want %v", got, tt.arm)
+			}
+		})
+	}
+}
+
+func (a *applier) submitNode(n *pb.DerivationNode) {
+	a.t.Helper()
+	a.index++ // build ids need only be unique
+	m := submit(a.index, "", n)
+	m.Build.DrvPath = n.DrvPath
+	if r := a.one(submitT, m); r.Err != nil {
+		a.t.Fatal(r.Err)
+	}
+}
+
+// TestStepVersions: a reader keeps the steps of its own version while
+// later entries change them, and an aborted transaction leaves neither
+// steps nor watch channels changed.
+func TestStepVersions(t *testing.T) {
+	a := newApplier(t)
+	a.submitNode(node("s"))
+	old := a.f.Read()
+	lease := a.grant("s")
+
+	s, err := old.Step(drv("s"))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if s.State != pb.StepState_STEP_STATE_RUNNABLE || s.LeaseId != 0 {
+		t.Errorf("old reader sees state %s, lease %d; want runnable, no lease", s.State, s.LeaseId)
+	}
+	var oldRunnable, newRunnable []string
+	for _, st := range []struct {
+		r   *Reader
+		out *[]string
+	}{{old, &oldRunnable}, {a.f.Read(), &newRunnable}} {
+		each, err := st.r.StepsIn(nil, pb.StepState_STEP_STATE_RUNNABLE)
+		if err != nil {
+			t.Fatal(err)
+		}
+		each(func(s *pb.Step) bool { *st.out = append(*st.out, s.DrvPath); return true })
+	}
+	if d := cmp.Diff([]string{drv("s")}, oldRunnable); d != "" {
+		t.Errorf("old reader's runnable steps (-want +got):\n%s", d)
+	}
+	if len(newRunnable) != 0 {
+		t.Errorf("new reader's runnable steps: %v, want none", newRunnable)
+	}
+	if s, err := a.f.Read().Step(drv("s")); err != nil || s.LeaseId != lease {
+		t.Errorf("new reader: step %v, %v; want lease %d", s, err, lease)
+	}
+
+	// An aborted write: nothing it put is seen, no channel closes.
+	a.f.mu.RLock()
+	db := a.f.db
+	a.f.mu.RUnlock()
+	before := a.f.Read()
+	ch := readSteps(before.txn).watchCh(watchKey{pb.StepState_STEP_STATE_RUNNABLE, "x86_64-linux"})
+	txn := db.Txn(true)
+	st, err := writeSteps(txn)
+	if err != nil {
+		t.Fatal(err)
+	}
+	st.put(txn, &pb.Step{DrvPath: drv("ghost"), System: "x86_64-linux", State: pb.StepState_STEP_STATE_RUNNABLE})
+	if readSteps(txn).get(drv("ghost")) == nil {
+		t.Fatal("the writing transaction does not see its own step")
+	}
+	txn.Abort()
+	if _, err := a.f.Read().Step(drv("ghost")); err == nil {
+		t.Error("an aborted step is visible")
+	}
+	select {
+	case <-ch:
+		t.Error("an aborted write closed a watch channel")
+	default:
+	}
+	// The same write committed: visible, and the channel closes.
+	txn = db.Txn(true)
+	if st, err = writeSteps(txn); err != nil {
+		t.Fatal(err)
+	}
+	st.put(txn, &pb.Step{DrvPath: drv("ghost"), System: "x86_64-linux", State: pb.StepState_STEP_STATE_RUNNABLE})
+	txn.Commit()
+	if _, err := a.f.Read().Step(drv("ghost")); err != nil {
+		t.Errorf("committed step: %v", err)
+	}
+	select {
+	case <-ch:
+	default:
+		t.Error("a committed write left the group's watch channel open")
+	}
+	if _, err := before.Step(drv("ghost")); err == nil {
+		t.Error("a reader taken before the write sees its step")
+	}
+}
