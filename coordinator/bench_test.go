@@ -67,10 +67,12 @@ func BenchmarkSubmitVsRawRaft(b *testing.B) {
 		raw = runConcurrent(b, workers, total, func(int) error {
 			return leader.Raft().Apply(noopEntry, 10*time.Second).Error()
 		})
+		stopProfile := benchProfile(b, "submit")
 		subLeader = runConcurrent(b, workers, total, func(i int) error {
 			_, err := leader.SubmitBuild(ctx, benchSubmit(fmt.Sprintf("l%d-%d", round, i)))
 			return err
 		})
+		stopProfile()
 		subFollower = runConcurrent(b, workers, total/4, func(i int) error {
 			_, err := follower.SubmitBuild(ctx, benchSubmit(fmt.Sprintf("f%d-%d", round, i)))
 			return err

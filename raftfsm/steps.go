@@ -6,6 +6,7 @@ import (
 	"math"
 	"slices"
 	"strings"
+	"sync"
 
 	"github.com/hashicorp/go-memdb"
 	"github.com/tidwall/btree"
@@ -28,18 +29,13 @@ import (
 // and snapshots may walk them concurrently with later writes.
 type stepTable struct {
 	owner   *memdb.Txn                 // the write transaction that may change this version; nil once committed
-	byDrv   *btree.BTreeG[drvItem]     // every step, by derivation path
+	byDrv   *btree.BTreeG[*pb.Step]    // every step, by derivation path
 	sched   *btree.BTreeG[*pb.Step]    // every step, in schedCmp order
 	byLease *btree.BTreeG[leaseItem]   // steps with a lease ID, by it
 	watch   map[watchKey]chan struct{} // closed when a step of the group changes
 	added   chan struct{}              // closed when watch gains a group
 	fresh   map[watchKey]bool          // groups whose channel the owner replaced
 	grown   bool                       // the owner replaced added
-}
-
-type drvItem struct {
-	drv string
-	s   *pb.Step
 }
 
 type leaseItem struct {
@@ -59,7 +55,7 @@ const stepDegree = 32 // tidwall/btree's default: nodes of 31–63 items
 func newStepTable() *stepTable {
 	opts := btree.Options{Degree: stepDegree, NoLocks: true}
 	return &stepTable{
-		byDrv:   btree.NewBTreeGOptions(func(a, b drvItem) bool { return a.drv < b.drv }, opts),
+		byDrv:   btree.NewBTreeGOptions(func(a, b *pb.Step) bool { return a.DrvPath < b.DrvPath }, opts),
 		sched:   btree.NewBTreeGOptions(func(a, b *pb.Step) bool { return schedCmp(a, b) < 0 }, opts),
 		byLease: btree.NewBTreeGOptions(func(a, b leaseItem) bool { return a.id < b.id }, opts),
 		watch:   map[watchKey]chan struct{}{},
@@ -161,12 +157,17 @@ func newState() (*memdb.MemDB, error) {
 
 // get returns a stored step, or nil.
 func (t *stepTable) get(drv string) *pb.Step {
-	it, ok := t.byDrv.Get(drvItem{drv: drv})
-	if !ok {
-		return nil
-	}
-	return it.s
+	probe := drvProbes.Get().(*pb.Step)
+	probe.DrvPath = drv
+	s, _ := t.byDrv.Get(probe)
+	probe.DrvPath = ""
+	drvProbes.Put(probe)
+	return s
 }
+
+// drvProbes are keys for byDrv lookups (its items are the steps
+// themselves, 8 bytes each, rather than path and step).
+var drvProbes = sync.Pool{New: func() any { return new(pb.Step) }}
 
 // leased returns the step whose lease ID (current or last) is id, or nil.
 func (t *stepTable) leased(id uint64) *pb.Step {
@@ -181,9 +182,8 @@ func (t *stepTable) leased(id uint64) *pb.Step {
 // step of its derivation, and schedules the watch channels of the groups
 // it leaves and joins to close when txn commits.
 func (t *stepTable) put(txn *memdb.Txn, s *pb.Step) {
-	prev, had := t.byDrv.Set(drvItem{s.DrvPath, s})
+	old, had := t.byDrv.Set(s)
 	if had {
-		old := prev.s
 		if schedCmp(old, s) != 0 {
 			t.sched.Delete(old)
 		}
@@ -236,7 +236,7 @@ func (t *stepTable) watchCh(k watchKey) <-chan struct{} {
 
 // each calls fn for every step in derivation order until it returns false.
 func (t *stepTable) each(fn func(*pb.Step) bool) {
-	t.byDrv.Scan(func(it drvItem) bool { return fn(it.s) })
+	t.byDrv.Scan(fn)
 }
 
 // interner shares the strings many steps repeat (systems, jobsets,
