@@ -119,9 +119,7 @@ func (w *work) submit(m *pb.SubmitBuild) error {
 	if _, ok := w.builds[b.Id]; ok {
 		return fmt.Errorf("%w: build %d exists", ErrConflict, b.Id)
 	}
-	if o, err := w.c.txn.First(tableBuilds, "id", b.Id); err != nil {
-		return err
-	} else if o != nil {
+	if readBuilds(w.c.txn).get(b.Id) != nil {
 		return fmt.Errorf("%w: build %d exists", ErrConflict, b.Id)
 	}
 	if len(b.NixName) == 0 {

@@ -285,14 +285,10 @@ func gcRoots(c *applyCtx, cutoff int64) (map[string]bool, map[string]bool, error
 		}
 		return true
 	})
-	it, err = c.txn.Get(tableBuilds, "state", pb.BuildState_BUILD_STATE_QUEUED)
-	if err != nil {
-		return nil, nil, err
-	}
-	for o := it.Next(); o != nil; o = it.Next() {
-		b := o.(*pb.Build)
+	readBuilds(c.txn).inState(pb.BuildState_BUILD_STATE_QUEUED, func(b *pb.Build) bool {
 		addOutputs(b.DrvPath, b.Outputs)
-	}
+		return true
+	})
 	// Builds of the latest keep_nr evaluations of each jobset.
 	it, err = c.txn.Get(tableJobsets, "id")
 	if err != nil {
@@ -320,12 +316,8 @@ func gcRoots(c *applyCtx, cutoff int64) (map[string]bool, map[string]bool, error
 		}
 		for _, id := range ids {
 			for _, bid := range byID[id].Builds {
-				b, err := c.txn.First(tableBuilds, "id", bid)
-				if err != nil {
-					return nil, nil, err
-				}
-				if b != nil {
-					addOutputs(b.(*pb.Build).DrvPath, b.(*pb.Build).Outputs)
+				if b := readBuilds(c.txn).get(bid); b != nil {
+					addOutputs(b.DrvPath, b.Outputs)
 				}
 			}
 		}

@@ -86,10 +86,8 @@ func applyCreateEval(c *applyCtx, m *pb.CreateEval) (uint64, error) {
 		return 0, err
 	} else if o != nil {
 		for _, bid := range o.(*pb.Eval).Builds {
-			if b, err := c.txn.First(tableBuilds, "id", bid); err != nil {
-				return 0, err
-			} else if b != nil {
-				prev[b.(*pb.Build).Job] = b.(*pb.Build)
+			if b := readBuilds(c.txn).get(bid); b != nil {
+				prev[b.Job] = b
 			}
 		}
 	}

@@ -35,20 +35,15 @@ func first[T any](r *Reader, table, index string, args ...any) (T, error) {
 
 // Build returns one build or ErrNotFound.
 func (r *Reader) Build(id uint64) (*pb.Build, error) {
-	b, err := first[*pb.Build](r, tableBuilds, "id", id)
-	if err == nil && b == nil {
-		err = fmt.Errorf("%w: build %d", ErrNotFound, id)
+	if b := readBuilds(r.txn).get(id); b != nil {
+		return b, nil
 	}
-	return b, err
+	return nil, fmt.Errorf("%w: build %d", ErrNotFound, id)
 }
 
 // MaxBuildID is the highest build ID in use (0 when none).
 func (r *Reader) MaxBuildID() (uint64, error) {
-	o, err := r.txn.Last(tableBuilds, "id")
-	if err != nil || o == nil {
-		return 0, err
-	}
-	return o.(*pb.Build).Id, nil
+	return readBuilds(r.txn).maxID(), nil
 }
 
 // BuildFilter selects builds; empty fields match everything.
@@ -90,43 +85,24 @@ func (f BuildFilter) match(b *pb.Build) bool {
 // Builds lists matching builds, newest first: the page [offset, offset+limit)
 // and the total number that match.
 func (r *Reader) Builds(f BuildFilter, offset, limit int) ([]*pb.Build, int, error) {
-	var it memdb.ResultIterator
-	var err error
-	switch {
-	case f.Project != "" && f.Jobset != "" && f.Job != "":
-		it, err = r.txn.GetReverse(tableBuilds, "job", f.Project, f.Jobset, f.Job)
-	case f.Project != "" && f.Jobset != "":
-		it, err = r.txn.GetReverse(tableBuilds, "job_prefix", f.Project, f.Jobset)
-	case f.Project != "":
-		it, err = r.txn.GetReverse(tableBuilds, "job_prefix", f.Project)
-	case f.State != pb.BuildState_BUILD_STATE_UNSPECIFIED:
-		it, err = r.txn.GetReverse(tableBuilds, "state", f.State)
-	default:
-		it, err = r.txn.GetReverse(tableBuilds, "id")
-	}
-	if err != nil {
-		return nil, 0, err
-	}
 	// The total needs a walk of everything the index range holds; it is
-	// remembered for this version of the range (its watch channel), so
-	// that paging through an unchanged list walks only up to the page.
-	key, version := f.key(), it.WatchCh()
+	// remembered for this version of the range, so that paging through an
+	// unchanged list walks only up to the page.
+	t := readBuilds(r.txn)
+	key, version := f.key(), t.version(f)
 	known, haveTotal := r.totals.get(key, version)
 	var page []*pb.Build
 	total := 0
-	for o := it.Next(); o != nil; o = it.Next() {
-		b := o.(*pb.Build)
+	t.newestFirst(f, func(b *pb.Build) bool {
 		if !f.match(b) {
-			continue
+			return true
 		}
 		if total >= offset && len(page) < limit {
 			page = append(page, b)
 		}
 		total++
-		if haveTotal && total >= offset+limit {
-			break
-		}
-	}
+		return !haveTotal || total < offset+limit
+	})
 	if haveTotal {
 		return page, known, nil
 	}
@@ -149,22 +125,22 @@ func (f BuildFilter) key() string {
 }
 
 // totals remembers how many builds matched a filter in one version of the
-// index range it was counted in. A range's watch channel is replaced by
-// any write under it, so an entry found under the same channel is exact.
+// range it was counted in. A range's token is replaced by any write to it,
+// so an entry found under the same token is exact.
 type totals struct {
 	mu sync.Mutex
 	m  map[string]countedTotal
 }
 
 type countedTotal struct {
-	version <-chan struct{}
+	version *rangeVersion
 	n       int
 }
 
 // maxTotals bounds the cache; it is emptied when full.
 const maxTotals = 256
 
-func (t *totals) get(key string, version <-chan struct{}) (int, bool) {
+func (t *totals) get(key string, version *rangeVersion) (int, bool) {
 	if t == nil || version == nil {
 		return 0, false
 	}
@@ -174,7 +150,7 @@ func (t *totals) get(key string, version <-chan struct{}) (int, bool) {
 	return c.n, ok && c.version == version
 }
 
-func (t *totals) put(key string, version <-chan struct{}, n int) {
+func (t *totals) put(key string, version *rangeVersion, n int) {
 	if t == nil || version == nil {
 		return
 	}
@@ -188,7 +164,12 @@ func (t *totals) put(key string, version <-chan struct{}, n int) {
 
 // BuildsOfDrv lists builds whose top-level derivation is drv.
 func (r *Reader) BuildsOfDrv(drv string) ([]*pb.Build, error) {
-	return all[*pb.Build](r.txn.Get(tableBuilds, "drv", drv))
+	var out []*pb.Build
+	readBuilds(r.txn).ofDrv(drv, func(b *pb.Build) bool {
+		out = append(out, b)
+		return true
+	})
+	return out, nil
 }
 
 // Step returns one step or ErrNotFound.
@@ -338,9 +319,10 @@ func (r *Reader) Dump() (*Dump, error) {
 		d.Steps = append(d.Steps, s)
 		return true
 	})
-	if d.Builds, err = all[*pb.Build](r.txn.Get(tableBuilds, "id")); err != nil {
-		return nil, err
-	}
+	readBuilds(r.txn).byID.Scan(func(b *pb.Build) bool {
+		d.Builds = append(d.Builds, b)
+		return true
+	})
 	if d.Leases, err = r.Leases(); err != nil {
 		return nil, err
 	}
@@ -435,15 +417,7 @@ func (r *Reader) EachBlob(ws memdb.WatchSet, fn func(blob string) bool) error {
 
 // EachBuildNewestFirst calls fn on builds from the newest until it returns false.
 func (r *Reader) EachBuildNewestFirst(fn func(*pb.Build) bool) error {
-	it, err := r.txn.GetReverse(tableBuilds, "id")
-	if err != nil {
-		return err
-	}
-	for o := it.Next(); o != nil; o = it.Next() {
-		if !fn(o.(*pb.Build)) {
-			return nil
-		}
-	}
+	readBuilds(r.txn).byID.Reverse(fn)
 	return nil
 }
 

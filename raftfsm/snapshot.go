@@ -198,8 +198,12 @@ func encodeRecords(w io.Writer, txn *memdb.Txn) error {
 // eachRecord calls fn with every record of a table in id order until it
 // returns false.
 func eachRecord(txn *memdb.Txn, table string, fn func(proto.Message) bool) error {
-	if table == tableSteps {
+	switch table {
+	case tableSteps:
 		readSteps(txn).each(func(s *pb.Step) bool { return fn(s) })
+		return nil
+	case tableBuilds:
+		readBuilds(txn).byID.Scan(func(b *pb.Build) bool { return fn(b) })
 		return nil
 	}
 	it, err := txn.Get(table, "id")
@@ -245,6 +249,7 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 	txn := db.Txn(true)
 	defer txn.Abort()
 	var steps *stepTable
+	var builds *buildTable
 	var strs interner
 	paths := map[string]string{} // each step's path, for sharing below
 	for batch := range batches {
@@ -259,6 +264,15 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 				strs.step(s)
 				paths[s.DrvPath] = s.DrvPath
 				steps.put(txn, s)
+				continue
+			}
+			if rec.table == tableBuilds {
+				if builds == nil {
+					if builds, err = writeBuilds(txn); err != nil {
+						return nil, nil, fmt.Errorf("restore %s: %w", rec.table, err)
+					}
+				}
+				builds.put(rec.msg.(*pb.Build))
 				continue
 			}
 			if err := txn.Insert(rec.table, rec.msg); err != nil {

@@ -50,7 +50,7 @@ type watchKey struct {
 	system string
 }
 
-const stepDegree = 32 // tidwall/btree's default: nodes of 31–63 items
+const stepDegree = 16 // nodes of 15–31 items: a random write copies half what the default 32 would
 
 func newStepTable() *stepTable {
 	opts := btree.Options{Degree: stepDegree, NoLocks: true}
@@ -140,7 +140,7 @@ func (t *stepTable) own(txn *memdb.Txn) error {
 	return nil
 }
 
-// newState returns an empty state: memdb's tables and an empty step table.
+// newState returns an empty state: memdb's tables and empty step and build tables.
 func newState() (*memdb.MemDB, error) {
 	db, err := memdb.NewMemDB(schema())
 	if err != nil {
@@ -148,6 +148,10 @@ func newState() (*memdb.MemDB, error) {
 	}
 	txn := db.Txn(true)
 	if err := newStepTable().own(txn); err != nil {
+		txn.Abort()
+		return nil, err
+	}
+	if err := newBuildTable().own(txn); err != nil {
 		txn.Abort()
 		return nil, err
 	}

@@ -1,6 +1,9 @@
 package raftfsm
 
 import (
+	"fmt"
+	"slices"
+	"strings"
 	"testing"
 
 	"github.com/google/go-cmp/cmp"
@@ -159,5 +162,69 @@ func TestStepVersions(t *testing.T) {
 	}
 	if _, err := before.Step(drv("ghost")); err == nil {
 		t.Error("a reader taken before the write sees its step")
+	}
+}
+
+// TestBuildRanges: each filter's listing holds exactly the builds it
+// matches, in its index's order (newest first within a job), also for
+// names that are prefixes of one another.
+func TestBuildRanges(t *testing.T) {
+	a := newApplier(t)
+	names := []struct{ p, j, job string }{
+		{"p", "j", "a"}, {"p", "j", "ab"}, {"p", "j2", "a"}, {"p", "j", "a"}, {"p-x", "j", "a"},
+		{"pa", "j", "a"}, {"", "", ""}, {"p", "jj", "a"}, {"p", "j", "a"},
+	}
+	for i, n := range names {
+		name := fmt.Sprint("b", i)
+		m := submit(uint64(i+1), name, node(name))
+		m.Build.Project, m.Build.Jobset, m.Build.Job = n.p, n.j, n.job
+		if r := a.one(submitT, m); r.Err != nil {
+			t.Fatal(r.Err)
+		}
+	}
+	if r := a.one(cancelT, &pb.CancelBuild{Id: 4}); r.Err != nil {
+		t.Fatal(r.Err)
+	}
+	d := a.dump()
+	tests := []struct {
+		name string
+		f    BuildFilter
+		key  func(*pb.Build) string // the index's order, compared descending
+	}{
+		{"all", BuildFilter{}, nil},
+		{"queued", BuildFilter{State: pb.BuildState_BUILD_STATE_QUEUED}, nil},
+		{"project p", BuildFilter{Project: "p"}, func(b *pb.Build) string { return b.Jobset + "\x00" + b.Job }},
+		{"jobset p/j", BuildFilter{Project: "p", Jobset: "j"}, func(b *pb.Build) string { return b.Job }},
+		{"job p/j/a", BuildFilter{Project: "p", Jobset: "j", Job: "a"}, nil},
+		{"job p/j/a finished", BuildFilter{Project: "p", Jobset: "j", Job: "a", State: pb.BuildState_BUILD_STATE_FINISHED}, nil},
+		{"no such project", BuildFilter{Project: "q"}, nil},
+	}
+	for _, tt := range tests {
+		t.Run(tt.name, func(t *testing.T) {
+			var want []uint64
+			for i := len(d.Builds) - 1; i >= 0; i-- { // dump is in id order
+				if b := d.Builds[i]; tt.f.match(b) {
+					want = append(want, b.Id)
+				}
+			}
+			if tt.key != nil {
+				byID := map[uint64]*pb.Build{}
+				for _, b := range d.Builds {
+					byID[b.Id] = b
+				}
+				slices.SortStableFunc(want, func(x, y uint64) int { return strings.Compare(tt.key(byID[y]), tt.key(byID[x])) })
+			}
+			bs, total, err := a.f.Read().Builds(tt.f, 0, 100)
+			if err != nil {
+				t.Fatal(err)
+			}
+			var got []uint64
+			for _, b := range bs {
+				got = append(got, b.Id)
+			}
+			if diff := cmp.Diff(want, got); diff != "" || total != len(want) {
+				t.Errorf("listing (-want +got):\n%s\ntotal %d, want %d", diff, total, len(want))
+			}
+		})
 	}
 }

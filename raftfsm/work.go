@@ -48,14 +48,11 @@ func (w *work) build(id uint64) (*pb.Build, error) {
 	if b, ok := w.builds[id]; ok {
 		return b, nil
 	}
-	o, err := w.c.txn.First(tableBuilds, "id", id)
-	if err != nil {
-		return nil, err
-	}
+	o := readBuilds(w.c.txn).get(id)
 	if o == nil {
 		return nil, fmt.Errorf("%w: build %d", ErrNotFound, id)
 	}
-	b := proto.Clone(o.(*pb.Build)).(*pb.Build)
+	b := proto.Clone(o).(*pb.Build)
 	w.builds[id] = b
 	return b, nil
 }
@@ -71,9 +68,13 @@ func (w *work) flush() error {
 			t.put(w.c.txn, w.steps[k])
 		}
 	}
-	for _, k := range sortedKeys(w.builds) {
-		if err := w.c.txn.Insert(tableBuilds, w.builds[k]); err != nil {
+	if len(w.builds) > 0 {
+		t, err := writeBuilds(w.c.txn)
+		if err != nil {
 			return err
+		}
+		for _, k := range sortedKeys(w.builds) {
+			t.put(w.builds[k])
 		}
 	}
 	return nil
@@ -156,16 +157,13 @@ func (w *work) fail(s *pb.Step, status int32, reason string) error {
 
 // finishBuildsOf finishes every queued build whose top-level derivation is s.
 func (w *work) finishBuildsOf(s *pb.Step, status int32, reason string) error {
-	it, err := w.c.txn.Get(tableBuilds, "drv", s.DrvPath)
-	if err != nil {
-		return err
-	}
 	var ids []uint64
-	for o := it.Next(); o != nil; o = it.Next() {
-		if b := o.(*pb.Build); b.State == pb.BuildState_BUILD_STATE_QUEUED {
+	readBuilds(w.c.txn).ofDrv(s.DrvPath, func(b *pb.Build) bool {
+		if b.State == pb.BuildState_BUILD_STATE_QUEUED {
 			ids = append(ids, b.Id)
 		}
-	}
+		return true
+	})
 	for _, id := range ids {
 		b, err := w.build(id)
 		if err != nil {
