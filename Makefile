@@ -41,6 +41,8 @@ proto:
 # bench runs the benchmarks the issues ask for; figures go in the notes.
 bench: bench-cache
 	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -timeout 60m ./raftfsm ./coordinator
+	@echo "BenchmarkState1M again, under a 1 GiB soft memory limit (what --memory-limit 1GiB sets):"
+	GOMEMLIMIT=1GiB $(GO) test -run '^$$' -bench State1M -benchtime $(BENCHTIME) -timeout 20m ./raftfsm
 
 # bench-cache compares the /cache/ server with nginx serving the same paths
 # as a static cache, load from wrk (BENCH_DURATION=5s per run, BENCH_REPS=3,

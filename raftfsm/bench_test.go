@@ -80,6 +80,8 @@ func BenchmarkState1M(b *testing.B) {
 		runtime.ReadMemStats(&ms)
 		heap := float64(ms.HeapInuse) / (1 << 20)
 		rss := procStatusKiB("VmRSS") / 1024
+		b.Logf("heap: in use %d MiB, idle %d MiB (released %d MiB), next GC at %d MiB, live %d MiB; VmHWM %.0f MiB",
+			ms.HeapInuse>>20, ms.HeapIdle>>20, ms.HeapReleased>>20, ms.NextGC>>20, ms.HeapAlloc>>20, procStatusKiB("VmHWM")/1024)
 		if p := os.Getenv("KILN_HEAP_PROFILE"); p != "" {
 			if out, err := os.Create(p); err == nil {
 				_ = pprof.WriteHeapProfile(out)

@@ -52,6 +52,7 @@ type coordinatorFlags struct {
 	logLevel       string
 	raftHeartbeat  time.Duration
 	raftElection   time.Duration
+	memoryLimit    string
 }
 
 func (f *coordinatorFlags) register(cmd *cobra.Command, httpDefault, raftDefault string) {
@@ -67,6 +68,7 @@ func (f *coordinatorFlags) register(cmd *cobra.Command, httpDefault, raftDefault
 	fl.Int64Var(&f.cfg.MaxBodyBytes, "max-body-bytes", 8<<20, "largest request body accepted")
 	fl.DurationVar(&f.cfg.MaxReadWait, "max-read-wait", 5*time.Second, "longest a read asking for a fresher index (X-Kiln-Min-Index) waits")
 	fl.StringVar(&f.logLevel, "log-level", "info", "debug, info, warn or error")
+	fl.StringVar(&f.memoryLimit, "memory-limit", "auto", "soft memory limit for the Go runtime: a size (900MiB, 2GiB), none, or auto (90% of the cgroup's limit, if any, unless GOMEMLIMIT is set)")
 	fl.DurationVar(&f.raftHeartbeat, "raft-heartbeat-timeout", 0, "Raft heartbeat timeout (0: raft's default)")
 	fl.DurationVar(&f.raftElection, "raft-election-timeout", 0, "Raft election timeout (0: raft's default)")
 	fl.StringVar(&f.cfg.CacheKeyFile, "cache-key-file", "", "the binary cache's secret signing key (kiln keygen); must not be readable by group or others")
@@ -121,6 +123,9 @@ func (f *coordinatorFlags) finish() error {
 		return err
 	}
 	f.cfg.Logger = log
+	if err := applyMemoryLimit(f.memoryLimit, log); err != nil {
+		return err
+	}
 	if f.agentTokenFile != "" {
 		tok, err := readToken(f.agentTokenFile)
 		if err != nil {
