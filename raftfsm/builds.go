@@ -20,7 +20,7 @@ import (
 // watch channel and path copies for each) were the largest part of
 // applying one.
 type buildTable struct {
-	owner   *memdb.Txn               // the write transaction that may change this version; nil once committed
+	tableRow
 	byID    *btree.BTreeG[*pb.Build] // by id
 	byState *btree.BTreeG[*pb.Build] // by (state, id)
 	byJob   *btree.BTreeG[*pb.Build] // by (project, jobset, job, id)
@@ -66,16 +66,7 @@ const rangeAll = ""
 func rangeState(s pb.BuildState) string { return "s" + string(rune('0'+s)) }
 func rangeProject(p string) string      { return "p" + p }
 
-func readBuilds(txn *memdb.Txn) *buildTable {
-	o, err := txn.First(tableBuildTable, "id")
-	if err != nil {
-		panic("raftfsm: build table lookup: " + err.Error()) // only a schema mistake makes First fail
-	}
-	if o == nil {
-		panic("raftfsm: state without a build table") // newState makes one
-	}
-	return o.(*buildTable)
-}
+func readBuilds(txn *memdb.Txn) *buildTable { return readRow[*buildTable](txn, tableBuildTable) }
 
 // writeBuilds returns the version of the builds txn may change, copying
 // the current one on the transaction's first build write.
@@ -90,12 +81,7 @@ func writeBuilds(txn *memdb.Txn) (*buildTable, error) {
 }
 
 func (t *buildTable) own(txn *memdb.Txn) error {
-	t.owner = txn
-	if err := txn.Insert(tableBuildTable, t); err != nil {
-		return err
-	}
-	txn.Defer(func() { t.owner, t.fresh = nil, nil })
-	return nil
+	return t.tableRow.own(txn, tableBuildTable, t, func() { t.fresh = nil })
 }
 
 var buildProbes = sync.Pool{New: func() any { return new(pb.Build) }}

@@ -28,7 +28,7 @@ import (
 // it (its owner); published versions are never written again, so readers
 // and snapshots may walk them concurrently with later writes.
 type stepTable struct {
-	owner   *memdb.Txn                 // the write transaction that may change this version; nil once committed
+	tableRow
 	byDrv   *btree.BTreeG[*pb.Step]    // every step, by derivation path
 	sched   *btree.BTreeG[*pb.Step]    // every step, in schedCmp order
 	byLease *btree.BTreeG[leaseItem]   // steps with a lease ID, by it
@@ -104,17 +104,39 @@ func groupEnd(state pb.StepState, system string, features []string) *pb.Step {
 		GlobalPriority: math.MinInt64, Priority: math.MinInt32, CreatedAt: math.MaxInt64, DrvPath: "\xff"}
 }
 
-// readSteps returns the version of the steps txn sees.
-func readSteps(txn *memdb.Txn) *stepTable {
-	o, err := txn.First(tableStepTable, "id")
+// tableRow is embedded in a version of the step or build table: the
+// write transaction that may change it in place (nil once committed).
+type tableRow struct{ owner *memdb.Txn }
+
+// own makes txn the writer of v (the version embedding r) and stores v as
+// table's single row. Once txn commits the version is published and
+// nobody writes it again; reset then drops what only its writer used.
+func (r *tableRow) own(txn *memdb.Txn, table string, v any, reset func()) error {
+	r.owner = txn
+	if err := txn.Insert(table, v); err != nil {
+		return err
+	}
+	txn.Defer(func() {
+		r.owner = nil
+		reset()
+	})
+	return nil
+}
+
+// readRow returns the version of a B-tree table txn sees.
+func readRow[T any](txn *memdb.Txn, table string) T {
+	o, err := txn.First(table, "id")
 	if err != nil {
-		panic("raftfsm: step table lookup: " + err.Error()) // only a schema mistake makes First fail
+		panic("raftfsm: " + table + " lookup: " + err.Error()) // only a schema mistake makes First fail
 	}
 	if o == nil {
-		panic("raftfsm: state without a step table") // newState makes one
+		panic("raftfsm: state without " + table) // newState makes one
 	}
-	return o.(*stepTable)
+	return o.(T)
 }
+
+// readSteps returns the version of the steps txn sees.
+func readSteps(txn *memdb.Txn) *stepTable { return readRow[*stepTable](txn, tableStepTable) }
 
 // writeSteps returns the version of the steps txn may change: on the
 // transaction's first write, a copy of the current one (its B-trees share
@@ -129,15 +151,8 @@ func writeSteps(txn *memdb.Txn) (*stepTable, error) {
 	return t, t.own(txn)
 }
 
-// own makes txn the table's writer and stores it as the table's row.
 func (t *stepTable) own(txn *memdb.Txn) error {
-	t.owner = txn
-	if err := txn.Insert(tableStepTable, t); err != nil {
-		return err
-	}
-	// Once committed the version is published: nobody writes it again.
-	txn.Defer(func() { t.owner, t.fresh, t.grown = nil, nil, false })
-	return nil
+	return t.tableRow.own(txn, tableStepTable, t, func() { t.fresh, t.grown = nil, false })
 }
 
 // newState returns an empty state: memdb's tables and empty step and build tables.
