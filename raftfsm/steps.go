@@ -17,7 +17,7 @@ import (
 // Steps are not stored as go-memdb rows. A million queued steps made
 // memdb's radix trees most of the heap (≈ 450 bytes per index entry, two
 // entries per step) and most of the cost of every write. They live in
-// copy-on-write B-trees (tidwall/btree: items packed in nodes of up to 63,
+// copy-on-write B-trees (tidwall/btree: items packed in nodes of up to 31,
 // a few bytes of overhead each), one version of which is the single row of
 // memdb table tableStepTable. memdb's transactions therefore still make a
 // step write atomic with everything else a command writes, aborted
@@ -32,7 +32,7 @@ type stepTable struct {
 	byDrv   *btree.BTreeG[*pb.Step]    // every step, by derivation path
 	sched   *btree.BTreeG[*pb.Step]    // every step, in schedCmp order
 	byLease *btree.BTreeG[leaseItem]   // steps with a lease ID, by it
-	watch   map[watchKey]chan struct{} // closed when a step of the group changes
+	watch   map[watchKey]chan struct{} // closed when a step joins, leaves or changes in the group
 	added   chan struct{}              // closed when watch gains a group
 	fresh   map[watchKey]bool          // groups whose channel the owner replaced
 	grown   bool                       // the owner replaced added
