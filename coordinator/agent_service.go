@@ -200,14 +200,17 @@ func (s agentService) Lease(ctx context.Context, req *connect.Request[kilnv1.Lea
 		if live == nil || !c.IsLeader() {
 			return nil, rpc.Error(fmt.Errorf("%w: not the leader", raftfsm.ErrUnavailable))
 		}
-		ws := memdb.NewWatchSet()
-		r := c.fsm.Read()
-		ws.Add(r.Abandon())
-		fair, err := live.fairShare(r, c.fsm.AppliedIndex())
+		fair, err := live.fairShare(c.fsm.Read(), c.fsm.AppliedIndex())
 		if err != nil {
 			return nil, rpc.Error(err)
 		}
 		live.grantMu.Lock()
+		// Read under the lock: a step leaves granting only once its grant
+		// is applied here, so this view has every step granting no longer
+		// names as leased (an older view could pick it again and lose).
+		ws := memdb.NewWatchSet()
+		r := c.fsm.Read()
+		ws.Add(r.Abandon())
 		steps, err := r.PickRunnable(ws, a, time.Now().Unix(), slots, func(d string) bool { return live.granting[d] }, fair)
 		for _, st := range steps {
 			live.granting[st.DrvPath] = true
