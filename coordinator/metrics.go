@@ -84,7 +84,7 @@ func (s stateCollector) Collect(ch chan<- prometheus.Metric) {
 	for _, st := range []pb.StepState{pb.StepState_STEP_STATE_WAITING, pb.StepState_STEP_STATE_RUNNABLE} {
 		if each, err := r.StepsIn(nil, st); err == nil {
 			name := map[pb.StepState]string{pb.StepState_STEP_STATE_WAITING: "waiting", pb.StepState_STEP_STATE_RUNNABLE: "runnable"}[st]
-			each(func(step *pb.Step) bool { queue[[2]string{step.System, name}]++; return true })
+			each(func(step raftfsm.StepRef) bool { queue[[2]string{step.System(), name}]++; return true })
 		}
 	}
 	for k, n := range queue {

@@ -90,9 +90,9 @@ func BenchmarkState1M(b *testing.B) {
 		}
 		n := 0
 		each, _ := f.Read().StepsIn(nil, pb.StepState_STEP_STATE_RUNNABLE)
-		each(func(*pb.Step) bool { n++; return true })
+		each(func(StepRef) bool { n++; return true })
 		each, _ = f.Read().StepsIn(nil, pb.StepState_STEP_STATE_WAITING)
-		each(func(*pb.Step) bool { n++; return true })
+		each(func(StepRef) bool { n++; return true })
 		if n != builds*100 {
 			b.Fatalf("%d queued steps, want %d", n, builds*100)
 		}

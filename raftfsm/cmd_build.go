@@ -158,9 +158,6 @@ func (w *work) queue(b *pb.Build, graph map[string]*pb.DerivationNode, why strin
 			if b.Project != "" {
 				s.Jobset = b.Project + ":" + b.Jobset
 			}
-			if c.strs != nil {
-				c.strs.step(s)
-			}
 			w.steps[drv] = s
 			for i, in := range n.InputDrvs {
 				is, err := w.mustStep(in)

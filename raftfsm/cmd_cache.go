@@ -106,7 +106,7 @@ func applyPutNarInfo(c *applyCtx, m *pb.PutNarInfo) (uint64, error) {
 		if o == nil || o.State != pb.StepState_STEP_STATE_LEASED {
 			return 0, fmt.Errorf("%w: lease %d is not current", ErrStaleLease, m.LeaseId)
 		}
-		if !slices.ContainsFunc(o.Outputs, func(out *pb.Output) bool { return out.Path == n.StorePath }) {
+		if !slices.ContainsFunc(o.Outputs, func(out outputRec) bool { return out.Path == n.StorePath }) {
 			return 0, fmt.Errorf("%w: %s is not an output of the leased derivation", ErrInvalid, n.StorePath)
 		}
 	}
@@ -279,9 +279,12 @@ func gcRoots(c *applyCtx, cutoff int64) (map[string]bool, map[string]bool, error
 		}
 	}
 	// Steps some unfinished build needs, and unfinished builds.
-	readSteps(c.txn).each(func(s *pb.Step) bool {
+	readSteps(c.txn).each(func(s *stepRec) bool {
 		if s.Refs > 0 {
-			addOutputs(s.DrvPath, s.Outputs)
+			keepDrvs[s.DrvPath] = true
+			for _, o := range s.Outputs {
+				roots[HashPart(o.Path)] = true
+			}
 		}
 		return true
 	})

@@ -49,7 +49,7 @@ func (g *gen) pick(states ...pb.StepState) *pb.Step {
 		if err != nil {
 			panic(err)
 		}
-		each(func(s *pb.Step) bool { cands = append(cands, s); return true })
+		each(func(s StepRef) bool { cands = append(cands, s.Step()); return true })
 	}
 	if len(cands) == 0 {
 		return nil

@@ -175,16 +175,25 @@ func (r *Reader) BuildsOfDrv(drv string) ([]*pb.Build, error) {
 // Step returns one step or ErrNotFound.
 func (r *Reader) Step(drv string) (*pb.Step, error) {
 	if s := readSteps(r.txn).get(drv); s != nil {
-		return s, nil
+		return s.step(false), nil
 	}
 	return nil, fmt.Errorf("%w: step %s", ErrNotFound, drv)
 }
+
+// StepRef is a stored step read in place: its accessors copy nothing, and
+// Step makes the protobuf record (callers must not change it).
+type StepRef struct{ r *stepRec }
+
+func (s StepRef) DrvPath() string            { return s.r.DrvPath }
+func (s StepRef) System() string             { return s.r.System }
+func (s StepRef) RequiredFeatures() []string { return s.r.RequiredFeatures }
+func (s StepRef) Step() *pb.Step             { return s.r.step(false) }
 
 // StepsIn iterates steps in a state, optionally of one system (and, with
 // system given, one exact feature set), calling fn until it returns false.
 // The group's watch channel is added to ws when ws is non-nil (for a
 // feature set, its system's: it may wake more often than needed).
-func (r *Reader) StepsIn(ws memdb.WatchSet, state pb.StepState, systemAndFeatures ...string) (func(fn func(*pb.Step) bool), error) {
+func (r *Reader) StepsIn(ws memdb.WatchSet, state pb.StepState, systemAndFeatures ...string) (func(fn func(StepRef) bool), error) {
 	t := readSteps(r.txn)
 	var system string
 	var features []string
@@ -199,7 +208,7 @@ func (r *Reader) StepsIn(ws memdb.WatchSet, state pb.StepState, systemAndFeature
 	if ws != nil {
 		ws.Add(t.watchCh(watchKey{state, system}))
 	}
-	match := func(s *pb.Step) bool {
+	match := func(s *stepRec) bool {
 		switch {
 		case s.State != state:
 			return false
@@ -210,9 +219,9 @@ func (r *Reader) StepsIn(ws memdb.WatchSet, state pb.StepState, systemAndFeature
 		}
 		return len(systemAndFeatures) == 1 || slices.Equal(s.RequiredFeatures, features)
 	}
-	return func(fn func(*pb.Step) bool) {
-		t.sched.Ascend(groupStart(state, system, features), func(s *pb.Step) bool {
-			return match(s) && fn(s)
+	return func(fn func(StepRef) bool) {
+		t.sched.Ascend(groupStart(state, system, features), func(s *stepRec) bool {
+			return match(s) && fn(StepRef{s})
 		})
 	}, nil
 }
@@ -315,8 +324,8 @@ func (r *Reader) Dump() (*Dump, error) {
 	if d.Evals, err = all[*pb.Eval](r.txn.Get(tableEvals, "id")); err != nil {
 		return nil, err
 	}
-	readSteps(r.txn).each(func(s *pb.Step) bool {
-		d.Steps = append(d.Steps, s)
+	readSteps(r.txn).each(func(s *stepRec) bool {
+		d.Steps = append(d.Steps, s.step(false))
 		return true
 	})
 	readBuilds(r.txn).byID.Scan(func(b *pb.Build) bool {

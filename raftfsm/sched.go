@@ -30,7 +30,7 @@ func Fits(a *pb.Agent, system string, required []string) bool {
 }
 
 // schedBefore is the scheduler's order between two runnable steps.
-func schedBefore(a, b *pb.Step) bool {
+func schedBefore(a, b *stepRec) bool {
 	if a.GlobalPriority != b.GlobalPriority {
 		return a.GlobalPriority > b.GlobalPriority
 	}
@@ -65,8 +65,9 @@ func (r *Reader) FairShare() (*FairShare, error) {
 	if err != nil {
 		return nil, err
 	}
+	steps := readSteps(r.txn)
 	for _, l := range leases {
-		if s, err := r.Step(l.DrvPath); err == nil {
+		if s := steps.get(l.DrvPath); s != nil {
 			f.Running[s.Jobset]++
 		}
 	}
@@ -130,7 +131,7 @@ func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, 
 	}
 	// next returns a group's next step the agent may take now, or nil at
 	// the group's end.
-	next := func(i int) *pb.Step {
+	next := func(i int) *stepRec {
 		for s := groups[i].next(); s != nil; s = groups[i].next() {
 			if s.NotBefore > now || (skip != nil && skip(s.DrvPath)) {
 				continue
@@ -140,13 +141,13 @@ func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, 
 		return nil
 	}
 	if fair != nil {
-		return pickFair(len(groups), next, n, fair), nil
+		return protoSteps(pickFair(len(groups), next, n, fair)), nil
 	}
-	heads := make([]*pb.Step, len(groups))
+	heads := make([]*stepRec, len(groups))
 	for i := range groups {
 		heads[i] = next(i)
 	}
-	var out []*pb.Step
+	var out []*stepRec
 	for len(out) < n {
 		best := -1
 		for i, h := range heads {
@@ -160,19 +161,28 @@ func (r *Reader) PickRunnable(ws memdb.WatchSet, a *pb.Agent, now int64, n int, 
 		out = append(out, heads[best])
 		heads[best] = next(best)
 	}
-	return out, nil
+	return protoSteps(out), nil
+}
+
+// protoSteps makes the protobuf records of picked steps.
+func protoSteps(rs []*stepRec) []*pb.Step {
+	out := make([]*pb.Step, len(rs))
+	for i, r := range rs {
+		out[i] = r.step(false)
+	}
+	return out
 }
 
 // groupIter walks one (runnable, system, features) group of the
 // scheduler's tree from its first step, first.
 type groupIter struct {
-	it    btree.IterG[*pb.Step]
-	first *pb.Step
-	at    *pb.Step // the last step returned
+	it    btree.IterG[*stepRec]
+	first *stepRec
+	at    *stepRec // the last step returned
 	done  bool
 }
 
-func (g *groupIter) next() *pb.Step {
+func (g *groupIter) next() *stepRec {
 	switch {
 	case g.done:
 		return nil
@@ -195,8 +205,8 @@ func (g *groupIter) next() *pb.Step {
 // pickFair takes the best few steps of each group and orders them by
 // priority, then the load of their jobset (updated as steps are picked),
 // then age.
-func pickFair(groups int, next func(int) *pb.Step, n int, fair *FairShare) []*pb.Step {
-	var cands []*pb.Step
+func pickFair(groups int, next func(int) *stepRec, n int, fair *FairShare) []*stepRec {
+	var cands []*stepRec
 	for i := range groups {
 		for k := 0; k < max(n, fairCandidates); k++ {
 			s := next(i)
@@ -211,7 +221,7 @@ func pickFair(groups int, next func(int) *pb.Step, n int, fair *FairShare) []*pb
 		running[k] = v
 	}
 	f := &FairShare{Running: running, Shares: fair.Shares}
-	var out []*pb.Step
+	var out []*stepRec
 	for len(out) < n && len(cands) > 0 {
 		best := 0
 		for i, c := range cands[1:] {

@@ -200,7 +200,7 @@ func encodeRecords(w io.Writer, txn *memdb.Txn) error {
 func eachRecord(txn *memdb.Txn, table string, fn func(proto.Message) bool) error {
 	switch table {
 	case tableSteps:
-		readSteps(txn).each(func(s *pb.Step) bool { return fn(s) })
+		readSteps(txn).each(func(s *stepRec) bool { return fn(s.step(false)) })
 		return nil
 	case tableBuilds:
 		readBuilds(txn).byID.Scan(func(b *pb.Build) bool { return fn(b) })
@@ -261,9 +261,8 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 					}
 				}
 				s := rec.msg.(*pb.Step)
-				strs.step(s)
 				paths[s.DrvPath] = s.DrvPath
-				steps.put(txn, s)
+				steps.put(txn, s, &strs)
 				continue
 			}
 			if rec.table == tableBuilds {
@@ -287,7 +286,7 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 		// Inputs and dependents name other steps: one copy of each path,
 		// as applying the commands left it (not yet published: the
 		// records may still change).
-		steps.each(func(s *pb.Step) bool {
+		steps.each(func(s *stepRec) bool {
 			for i, in := range s.InputDrvs {
 				if p, ok := paths[in]; ok {
 					s.InputDrvs[i] = p

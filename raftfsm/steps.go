@@ -29,8 +29,8 @@ import (
 // and snapshots may walk them concurrently with later writes.
 type stepTable struct {
 	tableRow
-	byDrv   *btree.BTreeG[*pb.Step]    // every step, by derivation path
-	sched   *btree.BTreeG[*pb.Step]    // every step, in schedCmp order
+	byDrv   *btree.BTreeG[*stepRec]    // every step, by derivation path
+	sched   *btree.BTreeG[*stepRec]    // every step, in schedCmp order
 	byLease *btree.BTreeG[leaseItem]   // steps with a lease ID, by it
 	watch   map[watchKey]chan struct{} // closed when a step joins, leaves or changes in the group
 	added   chan struct{}              // closed when watch gains a group
@@ -40,7 +40,7 @@ type stepTable struct {
 
 type leaseItem struct {
 	id uint64
-	s  *pb.Step
+	s  *stepRec
 }
 
 // watchKey names a group of steps long-polls may wait on: one state, and
@@ -55,8 +55,8 @@ const stepDegree = 16 // nodes of 15–31 items: a random write copies half what
 func newStepTable() *stepTable {
 	opts := btree.Options{Degree: stepDegree, NoLocks: true}
 	return &stepTable{
-		byDrv:   btree.NewBTreeGOptions(func(a, b *pb.Step) bool { return a.DrvPath < b.DrvPath }, opts),
-		sched:   btree.NewBTreeGOptions(func(a, b *pb.Step) bool { return schedCmp(a, b) < 0 }, opts),
+		byDrv:   btree.NewBTreeGOptions(func(a, b *stepRec) bool { return a.DrvPath < b.DrvPath }, opts),
+		sched:   btree.NewBTreeGOptions(func(a, b *stepRec) bool { return schedCmp(a, b) < 0 }, opts),
 		byLease: btree.NewBTreeGOptions(func(a, b leaseItem) bool { return a.id < b.id }, opts),
 		watch:   map[watchKey]chan struct{}{},
 		added:   make(chan struct{}),
@@ -67,7 +67,7 @@ func newStepTable() *stepTable {
 // scheduler's order within a group: global priority and priority
 // descending, age ascending, derivation path. Each (state, system,
 // features) group is one contiguous run.
-func schedCmp(a, b *pb.Step) int {
+func schedCmp(a, b *stepRec) int {
 	if c := cmp.Compare(a.State, b.State); c != 0 {
 		return c
 	}
@@ -92,15 +92,15 @@ func schedCmp(a, b *pb.Step) int {
 // groupStart sorts before every step of a (state, system, features) group
 // and after every step of the groups before it; with system "" (and no
 // features), before every step of the state.
-func groupStart(state pb.StepState, system string, features []string) *pb.Step {
-	return &pb.Step{State: state, System: system, RequiredFeatures: features,
+func groupStart(state pb.StepState, system string, features []string) *stepRec {
+	return &stepRec{State: state, System: system, RequiredFeatures: features,
 		GlobalPriority: math.MaxInt64, Priority: math.MaxInt32, CreatedAt: math.MinInt64}
 }
 
 // groupEnd sorts after every step of a group (real derivation paths start
 // with "/") and before every step of the groups after it.
-func groupEnd(state pb.StepState, system string, features []string) *pb.Step {
-	return &pb.Step{State: state, System: system, RequiredFeatures: features,
+func groupEnd(state pb.StepState, system string, features []string) *stepRec {
+	return &stepRec{State: state, System: system, RequiredFeatures: features,
 		GlobalPriority: math.MinInt64, Priority: math.MinInt32, CreatedAt: math.MaxInt64, DrvPath: "\xff"}
 }
 
@@ -175,8 +175,8 @@ func newState() (*memdb.MemDB, error) {
 }
 
 // get returns a stored step, or nil.
-func (t *stepTable) get(drv string) *pb.Step {
-	probe := drvProbes.Get().(*pb.Step)
+func (t *stepTable) get(drv string) *stepRec {
+	probe := drvProbes.Get().(*stepRec)
 	probe.DrvPath = drv
 	s, _ := t.byDrv.Get(probe)
 	probe.DrvPath = ""
@@ -186,10 +186,10 @@ func (t *stepTable) get(drv string) *pb.Step {
 
 // drvProbes are keys for byDrv lookups (its items are the steps
 // themselves, 8 bytes each, rather than path and step).
-var drvProbes = sync.Pool{New: func() any { return new(pb.Step) }}
+var drvProbes = sync.Pool{New: func() any { return new(stepRec) }}
 
 // leased returns the step whose lease ID (current or last) is id, or nil.
-func (t *stepTable) leased(id uint64) *pb.Step {
+func (t *stepTable) leased(id uint64) *stepRec {
 	it, ok := t.byLease.Get(leaseItem{id: id})
 	if !ok {
 		return nil
@@ -197,10 +197,12 @@ func (t *stepTable) leased(id uint64) *pb.Step {
 	return it.s
 }
 
-// put stores s (a new record, never one already stored), replacing the
-// step of its derivation, and schedules the watch channels of the groups
-// it leaves and joins to close when txn commits.
-func (t *stepTable) put(txn *memdb.Txn, s *pb.Step) {
+// put stores s, replacing the step of its derivation, and schedules the
+// watch channels of the groups it leaves and joins to close when txn
+// commits. The stored record is a copy (stepRec) sharing s's strings and
+// slices: s must not be changed afterwards.
+func (t *stepTable) put(txn *memdb.Txn, p *pb.Step, strs *interner) {
+	s := recOf(p, strs)
 	old, had := t.byDrv.Set(s)
 	if had {
 		if schedCmp(old, s) != 0 {
@@ -254,7 +256,7 @@ func (t *stepTable) watchCh(k watchKey) <-chan struct{} {
 }
 
 // each calls fn for every step in derivation order until it returns false.
-func (t *stepTable) each(fn func(*pb.Step) bool) {
+func (t *stepTable) each(fn func(*stepRec) bool) {
 	t.byDrv.Scan(fn)
 }
 
@@ -305,12 +307,73 @@ func (n *interner) features(fs []string) []string {
 	return fs
 }
 
-// step interns the repeated strings of a step that is not stored yet.
-func (n *interner) step(s *pb.Step) {
-	s.System = n.str(s.System)
-	s.Jobset = n.str(s.Jobset)
-	s.RequiredFeatures = n.features(s.RequiredFeatures)
-	for _, o := range s.Outputs {
-		o.Name = n.str(o.Name)
+// stepRec is how a step is stored: pb.Step's fields without the
+// protobuf message machinery, outputs inline. At a million queued steps
+// the message (288 bytes, and 80 more per output message) was most of the
+// heap; this is 240 bytes and 32 per output. recOf and step convert;
+// TestStepRecRoundTrip fails when pb.Step gains a field this lacks.
+type stepRec struct {
+	DrvPath, System, Jobset, LastError                          string
+	Outputs                                                     []outputRec
+	InputDrvs, RequiredFeatures, Dependents                     []string
+	CreatedAt, StartedAt, FinishedAt, NotBefore, GlobalPriority int64
+	LeaseId                                                     uint64
+	Tries, Attempts, PendingInputs, Refs                        uint32
+	Priority, BuildStatus                                       int32
+	State                                                       pb.StepState
+}
+
+type outputRec struct{ Name, Path string }
+
+// recOf makes the stored form of a step, sharing its strings and slices
+// (with the repeated strings interned when strs is not nil).
+func recOf(s *pb.Step, strs *interner) *stepRec {
+	r := &stepRec{
+		DrvPath: s.DrvPath, System: s.System, Jobset: s.Jobset, LastError: s.LastError,
+		InputDrvs: s.InputDrvs, RequiredFeatures: s.RequiredFeatures, Dependents: s.Dependents,
+		CreatedAt: s.CreatedAt, StartedAt: s.StartedAt, FinishedAt: s.FinishedAt, NotBefore: s.NotBefore,
+		GlobalPriority: s.GlobalPriority, LeaseId: s.LeaseId, Tries: s.Tries, Attempts: s.Attempts,
+		PendingInputs: s.PendingInputs, Refs: s.Refs, Priority: s.Priority, BuildStatus: s.BuildStatus, State: s.State,
 	}
+	if len(s.Outputs) > 0 {
+		r.Outputs = make([]outputRec, len(s.Outputs))
+		for i, o := range s.Outputs {
+			r.Outputs[i] = outputRec{o.Name, o.Path}
+		}
+	}
+	if strs != nil {
+		r.System = strs.str(r.System)
+		r.Jobset = strs.str(r.Jobset)
+		r.RequiredFeatures = strs.features(r.RequiredFeatures)
+		for i := range r.Outputs {
+			r.Outputs[i].Name = strs.str(r.Outputs[i].Name)
+		}
+	}
+	return r
+}
+
+// step makes the protobuf record of a stored step. Its slices are the
+// stored ones unless clone is set: only a clone may be changed.
+func (r *stepRec) step(clone bool) *pb.Step {
+	s := &pb.Step{
+		DrvPath: r.DrvPath, System: r.System, Jobset: r.Jobset, LastError: r.LastError,
+		InputDrvs: r.InputDrvs, RequiredFeatures: r.RequiredFeatures, Dependents: r.Dependents,
+		CreatedAt: r.CreatedAt, StartedAt: r.StartedAt, FinishedAt: r.FinishedAt, NotBefore: r.NotBefore,
+		GlobalPriority: r.GlobalPriority, LeaseId: r.LeaseId, Tries: r.Tries, Attempts: r.Attempts,
+		PendingInputs: r.PendingInputs, Refs: r.Refs, Priority: r.Priority, BuildStatus: r.BuildStatus, State: r.State,
+	}
+	if clone {
+		s.InputDrvs = slices.Clone(r.InputDrvs)
+		s.RequiredFeatures = slices.Clone(r.RequiredFeatures)
+		s.Dependents = slices.Clone(r.Dependents)
+	}
+	if len(r.Outputs) > 0 {
+		outs := make([]pb.Output, len(r.Outputs))
+		s.Outputs = make([]*pb.Output, len(r.Outputs))
+		for i, o := range r.Outputs {
+			outs[i].Name, outs[i].Path = o.Name, o.Path
+			s.Outputs[i] = &outs[i]
+		}
+	}
+	return s
 }

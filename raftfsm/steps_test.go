@@ -8,6 +8,8 @@ import (
 
 	"github.com/google/go-cmp/cmp"
 	"github.com/hashicorp/go-memdb"
+	"google.golang.org/protobuf/reflect/protoreflect"
+	"google.golang.org/protobuf/testing/protocmp"
 
 	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
 )
@@ -109,7 +111,7 @@ func TestStepVersions(t *testing.T) {
 		if err != nil {
 			t.Fatal(err)
 		}
-		each(func(s *pb.Step) bool { *st.out = append(*st.out, s.DrvPath); return true })
+		each(func(s StepRef) bool { *st.out = append(*st.out, s.DrvPath()); return true })
 	}
 	if d := cmp.Diff([]string{drv("s")}, oldRunnable); d != "" {
 		t.Errorf("old reader's runnable steps (-want +got):\n%s", d)
@@ -132,7 +134,7 @@ func TestStepVersions(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	st.put(txn, &pb.Step{DrvPath: drv("ghost"), System: "x86_64-linux", State: pb.StepState_STEP_STATE_RUNNABLE})
+	st.put(txn, &pb.Step{DrvPath: drv("ghost"), System: "x86_64-linux", State: pb.StepState_STEP_STATE_RUNNABLE}, nil)
 	if readSteps(txn).get(drv("ghost")) == nil {
 		t.Fatal("the writing transaction does not see its own step")
 	}
@@ -150,7 +152,7 @@ func TestStepVersions(t *testing.T) {
 	if st, err = writeSteps(txn); err != nil {
 		t.Fatal(err)
 	}
-	st.put(txn, &pb.Step{DrvPath: drv("ghost"), System: "x86_64-linux", State: pb.StepState_STEP_STATE_RUNNABLE})
+	st.put(txn, &pb.Step{DrvPath: drv("ghost"), System: "x86_64-linux", State: pb.StepState_STEP_STATE_RUNNABLE}, nil)
 	txn.Commit()
 	if _, err := a.f.Read().Step(drv("ghost")); err != nil {
 		t.Errorf("committed step: %v", err)
@@ -226,5 +228,60 @@ func TestBuildRanges(t *testing.T) {
 				t.Errorf("listing (-want +got):\n%s\ntotal %d, want %d", diff, total, len(want))
 			}
 		})
+	}
+}
+
+// TestStepRecRoundTrip: the stored form keeps every field of pb.Step. The
+// record is filled through reflection, so a field added to the message
+// and not to stepRec fails here.
+func TestStepRecRoundTrip(t *testing.T) {
+	s := &pb.Step{}
+	m := s.ProtoReflect()
+	fields := m.Descriptor().Fields()
+	for i := 0; i < fields.Len(); i++ {
+		fd := fields.Get(i)
+		switch {
+		case fd.IsList() && fd.Kind() == protoreflect.MessageKind:
+			l := m.Mutable(fd).List()
+			for k := 0; k < 2; k++ {
+				o := l.NewElement()
+				o.Message().Set(o.Message().Descriptor().Fields().ByName("name"), protoreflect.ValueOfString(fmt.Sprint("out", k)))
+				o.Message().Set(o.Message().Descriptor().Fields().ByName("path"), protoreflect.ValueOfString(storePath(fmt.Sprint("o", k))))
+				l.Append(o)
+			}
+		case fd.IsList():
+			l := m.Mutable(fd).List()
+			l.Append(protoreflect.ValueOfString(fmt.Sprint(fd.Name(), "-a")))
+			l.Append(protoreflect.ValueOfString(fmt.Sprint(fd.Name(), "-b")))
+		case fd.Kind() == protoreflect.StringKind:
+			m.Set(fd, protoreflect.ValueOfString(string(fd.Name())))
+		case fd.Kind() == protoreflect.EnumKind:
+			m.Set(fd, protoreflect.ValueOfEnum(protoreflect.EnumNumber(3)))
+		case fd.Kind() == protoreflect.Uint32Kind:
+			m.Set(fd, protoreflect.ValueOfUint32(uint32(100+i)))
+		case fd.Kind() == protoreflect.Int32Kind:
+			m.Set(fd, protoreflect.ValueOfInt32(int32(-100-i)))
+		case fd.Kind() == protoreflect.Uint64Kind:
+			m.Set(fd, protoreflect.ValueOfUint64(uint64(1<<40+i)))
+		case fd.Kind() == protoreflect.Int64Kind:
+			m.Set(fd, protoreflect.ValueOfInt64(int64(-(1<<40)-i)))
+		default:
+			t.Fatalf("field %s of kind %s: teach this test (and stepRec) about it", fd.Name(), fd.Kind())
+		}
+	}
+	for _, clone := range []bool{false, true} {
+		var strs interner
+		for _, in := range []*interner{nil, &strs} {
+			got := recOf(s, in).step(clone)
+			if d := cmp.Diff(s, got, protocmp.Transform()); d != "" {
+				t.Errorf("clone %v, interner %v: round trip (-want +got):\n%s", clone, in != nil, d)
+			}
+		}
+	}
+	// A clone's slices are its own.
+	c := recOf(s, nil).step(true)
+	c.Dependents[0], c.InputDrvs[0], c.RequiredFeatures[0] = "x", "x", "x"
+	if s.Dependents[0] == "x" || s.InputDrvs[0] == "x" || s.RequiredFeatures[0] == "x" {
+		t.Error("changing a clone changed the stored record")
 	}
 }

@@ -31,7 +31,7 @@ func (w *work) step(drv string) (*pb.Step, error) {
 	if o == nil {
 		return nil, nil
 	}
-	s := proto.Clone(o).(*pb.Step)
+	s := o.step(true)
 	w.steps[drv] = s
 	return s, nil
 }
@@ -65,7 +65,7 @@ func (w *work) flush() error {
 			return err
 		}
 		for _, k := range sortedKeys(w.steps) {
-			t.put(w.c.txn, w.steps[k])
+			t.put(w.c.txn, w.steps[k], w.c.strs)
 		}
 	}
 	if len(w.builds) > 0 {

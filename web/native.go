@@ -772,9 +772,9 @@ func (a *api) listSteps(w http.ResponseWriter, r *http.Request) {
 			WriteError(w, err)
 			return
 		}
-		each(func(s *pb.Step) bool {
+		each(func(s raftfsm.StepRef) bool {
 			if total >= offset && len(items) < perPage {
-				items = append(items, s)
+				items = append(items, s.Step())
 			}
 			total++
 			return true

@@ -148,13 +148,14 @@ func (a *api) status(w http.ResponseWriter, r *http.Request) {
 			WriteError(w, err)
 			return
 		}
-		each(func(s *pb.Step) bool {
-			k := s.System + "|" + raftfsm.FeaturesKey(s.RequiredFeatures)
+		each(func(s raftfsm.StepRef) bool {
+			system, features := s.System(), s.RequiredFeatures()
+			k := system + "|" + raftfsm.FeaturesKey(features)
 			q := queue[k]
 			if q == nil {
-				q = &QueueJSON{System: s.System, Features: nonNil(s.RequiredFeatures)}
+				q = &QueueJSON{System: system, Features: nonNil(features)}
 				// Whether a runnable step of this kind would be leased now.
-				q.Reason, q.CanBuildNow = wc.placement(s.System, s.RequiredFeatures)
+				q.Reason, q.CanBuildNow = wc.placement(system, features)
 				if q.CanBuildNow {
 					q.Reason = ""
 				}
