@@ -13,7 +13,7 @@ import (
 )
 
 // The coordinator's memory is its state: with a million queued steps the
-// live heap is about 550 MiB, and Go's collector (GOGC=100) lets the
+// live heap is about 450 MiB, and Go's collector (GOGC=100) lets the
 // process grow to about twice its live heap before collecting. A soft
 // memory limit makes the collector work harder near the limit instead.
 
