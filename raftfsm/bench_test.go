@@ -2,8 +2,10 @@ package raftfsm
 
 import (
 	"bufio"
+	"bytes"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
@@ -133,14 +135,55 @@ func BenchmarkState1M(b *testing.B) {
 		if got, _ := g.Read().Step(drv("leaf-9999-98")); got == nil {
 			b.Fatal("restored state lacks a step")
 		}
+		// A node that caught up from this snapshot and holds nothing else:
+		// the restore in a process of its own, its RSS after.
+		cmd := exec.Command(os.Args[0], "-test.run=^TestRestoreChild$", "-test.v")
+		cmd.Env = append(os.Environ(), "KILN_RESTORE_SNAPSHOT="+path)
+		outb, err := cmd.CombinedOutput()
+		if err != nil {
+			b.Fatalf("restore in a child process: %v\n%s", err, outb)
+		}
+		var childRSS, childPeak float64
+		i := bytes.Index(outb, []byte("restored: "))
+		if i < 0 {
+			b.Fatalf("child output lacks its figures:\n%s", outb)
+		}
+		if _, err := fmt.Sscanf(string(outb[i:]), "restored: rss %f MiB, peak %f MiB", &childRSS, &childPeak); err != nil {
+			b.Fatalf("child output: %v\n%s", err, outb)
+		}
 		b.ReportMetric(heap, "heap-MiB")
 		b.ReportMetric(rss, "rss-MiB")
 		b.ReportMetric(restoredHeap, "restored-heap-MiB")
+		b.ReportMetric(childRSS, "restored-node-rss-MiB")
+		b.ReportMetric(childPeak, "restored-node-peak-MiB")
 		b.ReportMetric(snapTime.Seconds(), "snapshot-s")
 		b.ReportMetric(restoreTime.Seconds(), "restore-s")
 		b.ReportMetric(float64(info.Size())/(1<<20), "snapshot-MiB")
 		runtime.KeepAlive(g)
 	}
+}
+
+// TestRestoreChild restores the snapshot KILN_RESTORE_SNAPSHOT names (run
+// by BenchmarkState1M in a process of its own) and prints its RSS.
+func TestRestoreChild(t *testing.T) {
+	path := os.Getenv("KILN_RESTORE_SNAPSHOT")
+	if path == "" {
+		t.Skip("run by BenchmarkState1M")
+	}
+	in, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	g := New(nil)
+	if err := g.Restore(in); err != nil {
+		t.Fatal(err)
+	}
+	runtime.GC()
+	if got, _ := g.Read().Step(drv("leaf-9999-98")); got == nil {
+		t.Fatal("restored state lacks a step")
+	}
+	fmt.Printf("restored: rss %.0f MiB, peak %.0f MiB\n", procStatusKiB("VmRSS")/1024, procStatusKiB("VmHWM")/1024)
+	runtime.KeepAlive(g)
 }
 
 type fileSink struct{ *os.File }

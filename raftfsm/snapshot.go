@@ -4,6 +4,7 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
+	"hash/maphash"
 	"io"
 	"runtime"
 	"sync"
@@ -251,7 +252,11 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 	var steps *stepTable
 	var builds *buildTable
 	var strs interner
-	paths := map[string]string{} // each step's path, for sharing below
+	// Each step by a hash of its path, to share path strings below (a
+	// map keyed by the paths themselves was most of a restoring node's
+	// peak memory; looking each up in the tree took seconds).
+	seed := maphash.MakeSeed()
+	byHash := map[uint64]*stepRec{}
 	for batch := range batches {
 		for _, rec := range batch {
 			if rec.table == tableSteps {
@@ -260,9 +265,8 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 						return nil, nil, fmt.Errorf("restore %s: %w", rec.table, err)
 					}
 				}
-				s := rec.msg.(*pb.Step)
-				paths[s.DrvPath] = s.DrvPath
-				steps.put(txn, s, &strs)
+				r := steps.put(txn, rec.msg.(*pb.Step), &strs)
+				byHash[maphash.String(seed, r.DrvPath)] = r
 				continue
 			}
 			if rec.table == tableBuilds {
@@ -286,16 +290,18 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 		// Inputs and dependents name other steps: one copy of each path,
 		// as applying the commands left it (not yet published: the
 		// records may still change).
+		canon := func(p string) string {
+			if o := byHash[maphash.String(seed, p)]; o != nil && o.DrvPath == p {
+				return o.DrvPath
+			}
+			return p
+		}
 		steps.each(func(s *stepRec) bool {
 			for i, in := range s.InputDrvs {
-				if p, ok := paths[in]; ok {
-					s.InputDrvs[i] = p
-				}
+				s.InputDrvs[i] = canon(in)
 			}
 			for i, d := range s.Dependents {
-				if p, ok := paths[d]; ok {
-					s.Dependents[i] = p
-				}
+				s.Dependents[i] = canon(d)
 			}
 			return true
 		})

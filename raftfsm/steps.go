@@ -199,9 +199,9 @@ func (t *stepTable) leased(id uint64) *stepRec {
 
 // put stores s, replacing the step of its derivation, and schedules the
 // watch channels of the groups it leaves and joins to close when txn
-// commits. The stored record is a copy (stepRec) sharing s's strings and
+// commits. The stored record (returned) is a copy sharing s's strings and
 // slices: s must not be changed afterwards.
-func (t *stepTable) put(txn *memdb.Txn, p *pb.Step, strs *interner) {
+func (t *stepTable) put(txn *memdb.Txn, p *pb.Step, strs *interner) *stepRec {
 	s := recOf(p, strs)
 	old, had := t.byDrv.Set(s)
 	if had {
@@ -218,6 +218,7 @@ func (t *stepTable) put(txn *memdb.Txn, p *pb.Step, strs *interner) {
 		t.byLease.Set(leaseItem{s.LeaseId, s})
 	}
 	t.touch(txn, s.State, s.System)
+	return s
 }
 
 func (t *stepTable) touch(txn *memdb.Txn, state pb.StepState, system string) {
