@@ -236,6 +236,32 @@ func (f *FSM) Snapshot() (raft.FSMSnapshot, error) {
 // restoreGCPercent is GOGC while a snapshot is restored.
 const restoreGCPercent = 40
 
+// restoreGC counts restores in progress (GOGC is the process's: the first
+// to start sets it, the last to end puts back what was there before).
+var restoreGC struct {
+	sync.Mutex
+	n, old int
+}
+
+func tightenGC() (done func()) {
+	restoreGC.Lock()
+	defer restoreGC.Unlock()
+	if restoreGC.n == 0 {
+		restoreGC.old = debug.SetGCPercent(restoreGCPercent)
+		if restoreGC.old >= 0 && restoreGC.old < restoreGCPercent {
+			debug.SetGCPercent(restoreGC.old)
+		}
+	}
+	restoreGC.n++
+	return func() {
+		restoreGC.Lock()
+		defer restoreGC.Unlock()
+		if restoreGC.n--; restoreGC.n == 0 {
+			debug.SetGCPercent(restoreGC.old)
+		}
+	}
+}
+
 // Restore replaces the state with a snapshot's.
 func (f *FSM) Restore(rc io.ReadCloser) error {
 	defer rc.Close()
@@ -245,12 +271,9 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	// while it runs keeps the peak near the state's own size, for a little
 	// more restore time (BenchmarkState1M's restored-node figures). A
 	// stricter setting of the operator's is kept.
-	old := debug.SetGCPercent(restoreGCPercent)
-	if old >= 0 && old < restoreGCPercent {
-		debug.SetGCPercent(old)
-	}
+	done := tightenGC()
 	db, hdr, err := readSnapshot(rc)
-	debug.SetGCPercent(old)
+	done()
 	if err != nil {
 		return err
 	}

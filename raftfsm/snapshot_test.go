@@ -3,6 +3,9 @@ package raftfsm
 import (
 	"bytes"
 	"errors"
+	"io"
+	"runtime/debug"
+	"sync"
 	"testing"
 )
 
@@ -81,4 +84,51 @@ func TestSnapshotSinkFailureCancels(t *testing.T) {
 			}
 		})
 	}
+}
+
+// TestRestoreGCSetting: concurrent restores put GOGC back as it was.
+func TestRestoreGCSetting(t *testing.T) {
+	before := debug.SetGCPercent(123)
+	defer debug.SetGCPercent(before)
+	a := newApplier(t)
+	a.submitNode(node("s"))
+	snap := snapshotBytes(t, a.f)
+	const n = 8
+	var reading sync.WaitGroup // every restore is under way before any reads
+	reading.Add(n)
+	errs := make(chan error, n)
+	var wg sync.WaitGroup
+	for range n {
+		wg.Go(func() {
+			r := &gatedReader{r: bytes.NewReader(snap), gate: &reading}
+			errs <- New(nil).Restore(io.NopCloser(r))
+		})
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	if got := debug.SetGCPercent(123); got != 123 {
+		t.Errorf("GOGC after concurrent restores: %d, want 123", got)
+	}
+}
+
+// gatedReader waits, on its first read, until every reader of its gate
+// has started reading.
+type gatedReader struct {
+	r       io.Reader
+	gate    *sync.WaitGroup
+	started bool
+}
+
+func (g *gatedReader) Read(p []byte) (int, error) {
+	if !g.started {
+		g.started = true
+		g.gate.Done()
+		g.gate.Wait()
+	}
+	return g.r.Read(p)
 }
