@@ -268,9 +268,9 @@ func (f *FSM) Restore(rc io.ReadCloser) error {
 	// A restore builds the whole state at once, and the collector lets
 	// the heap grow to twice what it last found live: a node restoring a
 	// million steps peaked near twice their size. Collecting more often
-	// while it runs keeps the peak near the state's own size, for a little
-	// more restore time (BenchmarkState1M's restored-node figures). A
-	// stricter setting of the operator's is kept.
+	// while it runs keeps the peak lower (BenchmarkState1M's restored-node
+	// figures in docs/design.md). A stricter setting of the operator's is
+	// kept.
 	done := tightenGC()
 	db, hdr, err := readSnapshot(rc)
 	done()

@@ -4,7 +4,6 @@ import (
 	"bufio"
 	"errors"
 	"fmt"
-	"hash/maphash"
 	"io"
 	"runtime"
 	"sync"
@@ -249,63 +248,52 @@ func readSnapshot(r io.Reader) (*memdb.MemDB, *pb.SnapshotHeader, error) {
 	}()
 	txn := db.Txn(true)
 	defer txn.Abort()
-	var steps *stepTable
-	var builds *buildTable
+	steps, err := writeSteps(txn)
+	if err != nil {
+		return nil, nil, err
+	}
+	builds, err := writeBuilds(txn)
+	if err != nil {
+		return nil, nil, err
+	}
 	var strs interner
-	// Each step by a hash of its path, to share path strings below (a
-	// map keyed by the paths themselves was most of a restoring node's
-	// peak memory; looking each up in the tree took seconds).
-	seed := maphash.MakeSeed()
-	byHash := map[uint64]*stepRec{}
+	paths := map[string]string{} // each step's path, for sharing below
 	for batch := range batches {
 		for _, rec := range batch {
-			if rec.table == tableSteps {
-				if steps == nil {
-					if steps, err = writeSteps(txn); err != nil {
-						return nil, nil, fmt.Errorf("restore %s: %w", rec.table, err)
-					}
+			switch m := rec.msg.(type) {
+			case *pb.Step:
+				paths[m.DrvPath] = m.DrvPath
+				steps.put(txn, m, &strs)
+			case *pb.Build:
+				builds.put(m)
+			default:
+				if err := txn.Insert(rec.table, rec.msg); err != nil {
+					return nil, nil, fmt.Errorf("restore %s: %w", rec.table, err)
 				}
-				r := steps.put(txn, rec.msg.(*pb.Step), &strs)
-				byHash[maphash.String(seed, r.DrvPath)] = r
-				continue
-			}
-			if rec.table == tableBuilds {
-				if builds == nil {
-					if builds, err = writeBuilds(txn); err != nil {
-						return nil, nil, fmt.Errorf("restore %s: %w", rec.table, err)
-					}
-				}
-				builds.put(rec.msg.(*pb.Build))
-				continue
-			}
-			if err := txn.Insert(rec.table, rec.msg); err != nil {
-				return nil, nil, fmt.Errorf("restore %s: %w", rec.table, err)
 			}
 		}
 	}
 	if err := <-decodeErr; err != nil {
 		return nil, nil, err
 	}
-	if steps != nil {
-		// Inputs and dependents name other steps: one copy of each path,
-		// as applying the commands left it (not yet published: the
-		// records may still change).
-		canon := func(p string) string {
-			if o := byHash[maphash.String(seed, p)]; o != nil && o.DrvPath == p {
-				return o.DrvPath
-			}
-			return p
+	// Inputs and dependents name other steps: one copy of each path, as
+	// applying the commands left it (not yet published: the records may
+	// still change).
+	canon := func(p string) string {
+		if c, ok := paths[p]; ok {
+			return c
 		}
-		steps.each(func(s *stepRec) bool {
-			for i, in := range s.InputDrvs {
-				s.InputDrvs[i] = canon(in)
-			}
-			for i, d := range s.Dependents {
-				s.Dependents[i] = canon(d)
-			}
-			return true
-		})
+		return p
 	}
+	steps.each(func(s *stepRec) bool {
+		for i, in := range s.InputDrvs {
+			s.InputDrvs[i] = canon(in)
+		}
+		for i, d := range s.Dependents {
+			s.Dependents[i] = canon(d)
+		}
+		return true
+	})
 	txn.Commit()
 	return db, &hdr, nil
 }

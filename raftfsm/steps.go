@@ -104,37 +104,6 @@ func groupEnd(state pb.StepState, system string, features []string) *stepRec {
 		GlobalPriority: math.MinInt64, Priority: math.MinInt32, CreatedAt: math.MaxInt64, DrvPath: "\xff"}
 }
 
-// tableRow is embedded in a version of the step or build table: the
-// write transaction that may change it in place (nil once committed).
-type tableRow struct{ owner *memdb.Txn }
-
-// own makes txn the writer of v (the version embedding r) and stores v as
-// table's single row. Once txn commits the version is published and
-// nobody writes it again; reset then drops what only its writer used.
-func (r *tableRow) own(txn *memdb.Txn, table string, v any, reset func()) error {
-	r.owner = txn
-	if err := txn.Insert(table, v); err != nil {
-		return err
-	}
-	txn.Defer(func() {
-		r.owner = nil
-		reset()
-	})
-	return nil
-}
-
-// readRow returns the version of a B-tree table txn sees.
-func readRow[T any](txn *memdb.Txn, table string) T {
-	o, err := txn.First(table, "id")
-	if err != nil {
-		panic("raftfsm: " + table + " lookup: " + err.Error()) // only a schema mistake makes First fail
-	}
-	if o == nil {
-		panic("raftfsm: state without " + table) // newState makes one
-	}
-	return o.(T)
-}
-
 // readSteps returns the version of the steps txn sees.
 func readSteps(txn *memdb.Txn) *stepTable { return readRow[*stepTable](txn, tableStepTable) }
 
@@ -153,25 +122,6 @@ func writeSteps(txn *memdb.Txn) (*stepTable, error) {
 
 func (t *stepTable) own(txn *memdb.Txn) error {
 	return t.tableRow.own(txn, tableStepTable, t, func() { t.fresh, t.grown = nil, false })
-}
-
-// newState returns an empty state: memdb's tables and empty step and build tables.
-func newState() (*memdb.MemDB, error) {
-	db, err := memdb.NewMemDB(schema())
-	if err != nil {
-		return nil, err
-	}
-	txn := db.Txn(true)
-	if err := newStepTable().own(txn); err != nil {
-		txn.Abort()
-		return nil, err
-	}
-	if err := newBuildTable().own(txn); err != nil {
-		txn.Abort()
-		return nil, err
-	}
-	txn.Commit()
-	return db, nil
 }
 
 // get returns a stored step, or nil.
@@ -197,11 +147,11 @@ func (t *stepTable) leased(id uint64) *stepRec {
 	return it.s
 }
 
-// put stores s, replacing the step of its derivation, and schedules the
+// put stores p, replacing the step of its derivation, and schedules the
 // watch channels of the groups it leaves and joins to close when txn
-// commits. The stored record (returned) is a copy sharing s's strings and
-// slices: s must not be changed afterwards.
-func (t *stepTable) put(txn *memdb.Txn, p *pb.Step, strs *interner) *stepRec {
+// commits. The stored record is a copy sharing p's strings and slices: p
+// must not be changed afterwards.
+func (t *stepTable) put(txn *memdb.Txn, p *pb.Step, strs *interner) {
 	s := recOf(p, strs)
 	old, had := t.byDrv.Set(s)
 	if had {
@@ -218,7 +168,6 @@ func (t *stepTable) put(txn *memdb.Txn, p *pb.Step, strs *interner) *stepRec {
 		t.byLease.Set(leaseItem{s.LeaseId, s})
 	}
 	t.touch(txn, s.State, s.System)
-	return s
 }
 
 func (t *stepTable) touch(txn *memdb.Txn, state pb.StepState, system string) {

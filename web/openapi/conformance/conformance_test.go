@@ -247,17 +247,23 @@ func TestCheckHydra(t *testing.T) {
 		},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			req := httptest.NewRequest(tc.method, tc.target, nil)
-			err := c.Check(context.Background(), req, tc.status, tc.header, []byte(tc.body))
-			switch {
-			case tc.wantErr == "" && err != nil:
-				t.Fatalf("Check rejected a valid response: %v", err)
-			case tc.wantErr != "" && err == nil:
-				t.Fatalf("Check accepted an invalid response (want an error mentioning %q)", tc.wantErr)
-			case tc.wantErr != "" && !strings.Contains(err.Error(), tc.wantErr):
-				t.Fatalf("Check error %q does not mention %q", err, tc.wantErr)
-			}
+			expectCheck(t, c, httptest.NewRequest(tc.method, tc.target, nil), tc.status, tc.header, tc.body, tc.wantErr)
 		})
+	}
+}
+
+// expectCheck checks one response: accepted when wantErr is empty, else
+// refused with an error mentioning wantErr.
+func expectCheck(t *testing.T, c *Checker, req *http.Request, status int, header http.Header, body, wantErr string) {
+	t.Helper()
+	err := c.Check(context.Background(), req, status, header, []byte(body))
+	switch {
+	case wantErr == "" && err != nil:
+		t.Fatalf("Check rejected a valid response: %v", err)
+	case wantErr != "" && err == nil:
+		t.Fatalf("Check accepted an invalid response (want an error mentioning %q)", wantErr)
+	case wantErr != "" && !strings.Contains(err.Error(), wantErr):
+		t.Fatalf("Check error %q does not mention %q", err, wantErr)
 	}
 }
 
@@ -551,16 +557,7 @@ func TestCheckKiln(t *testing.T) {
 			body: `{"error":"no such endpoint: /api/v1/nothing-here"}`},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
-			req := httptest.NewRequest(tc.method, tc.target, nil)
-			err := c.Check(context.Background(), req, tc.status, tc.header, []byte(tc.body))
-			switch {
-			case tc.wantErr == "" && err != nil:
-				t.Fatalf("Check rejected a valid response: %v", err)
-			case tc.wantErr != "" && err == nil:
-				t.Fatalf("Check accepted an invalid response (want an error mentioning %q)", tc.wantErr)
-			case tc.wantErr != "" && !strings.Contains(err.Error(), tc.wantErr):
-				t.Fatalf("Check error %q does not mention %q", err, tc.wantErr)
-			}
+			expectCheck(t, c, httptest.NewRequest(tc.method, tc.target, nil), tc.status, tc.header, tc.body, tc.wantErr)
 		})
 	}
 }
