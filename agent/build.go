@@ -16,6 +16,7 @@ import (
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -268,7 +269,12 @@ func (a *Agent) sendOutput(ctx context.Context, l *kilnv1.Lease, path string, re
 	}()
 	_, err := call(ctx, a, func(c kilnv1connect.AgentServiceClient) (*connect.Response[kilnv1.UploadNarResponse], error) {
 		if packed != nil {
-			return packed.Send(ctx, c, a.cred, packed.Header(l.LeaseId, path, refs, deriver))
+			hdr, err := packed.Header(l.LeaseId, path, refs, deriver)
+			if err != nil {
+				packErr = err
+				return nil, connect.NewError(connect.CodeCanceled, err)
+			}
+			return packed.Send(ctx, c, a.cred, hdr)
 		}
 		hdr := &kilnv1.NarHeader{LeaseId: l.LeaseId, StorePath: path, References: refs, Deriver: deriver}
 		p, resp, err := StreamNar(ctx, c, a.cred, a.cfg.WorkDir, hdr, l.MaxNarBytes, dump)
@@ -290,7 +296,9 @@ type counter struct{ n uint64 }
 func (c *counter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return len(p), nil }
 
 // PackedNar is a NAR compressed with zstd into a temp file, with the
-// hashes and sizes an upload's header needs.
+// hashes and sizes an upload's header needs. FileHash, which only a resent
+// upload needs (a streamed one is hashed by the coordinator that receives
+// it, and its NAR checked against NarHash), is computed by Header.
 type PackedNar struct {
 	File     *os.File
 	NarHash  string // sha256:<nixbase32>
@@ -300,28 +308,33 @@ type PackedNar struct {
 }
 
 // packNar runs dump (which writes a NAR) through zstd into a temp file in
-// dir, hashing the NAR and the compressed file on the way, and writes the
-// compressed bytes to tee as they are made (tee must not fail the
-// packing: its errors are its own business).
+// dir, hashing the NAR on the way, and writes the compressed bytes to tee
+// as they are made (tee must not fail the packing: its errors are its own
+// business). The file and tee are written by their own goroutine, so the
+// encoder goes on compressing while a chunk is sent.
 func packNar(dir string, dump func(io.Writer) error, tee io.Writer) (*PackedNar, error) {
 	tmp, err := os.CreateTemp(dir, "nar-*.zst")
 	if err != nil {
 		return nil, err
 	}
 	os.Remove(tmp.Name()) // unlinked: gone when closed
-	fileHash, narHash := sha256.New(), sha256.New()
-	enc, err := zstd.NewWriter(io.MultiWriter(tmp, fileHash, tee), zstd.WithEncoderConcurrency(2), zstd.WithEncoderLevel(zstd.SpeedDefault))
+	out := newAsyncWriter(io.MultiWriter(tmp, tee), 8)
+	narHash := sha256.New()
+	enc, err := zstd.NewWriter(out, zstd.WithEncoderConcurrency(2), zstd.WithEncoderLevel(NarLevel))
 	if err != nil {
+		out.Close()
 		tmp.Close()
 		return nil, err
 	}
 	cnt := &counter{}
-	if err := dump(io.MultiWriter(enc, narHash, cnt)); err != nil {
-		enc.Close()
-		tmp.Close()
-		return nil, err
+	err = dump(io.MultiWriter(enc, narHash, cnt))
+	if cerr := enc.Close(); err == nil {
+		err = cerr
 	}
-	if err := enc.Close(); err != nil {
+	if werr := out.Close(); err == nil {
+		err = werr
+	}
+	if err != nil {
 		tmp.Close()
 		return nil, err
 	}
@@ -330,8 +343,53 @@ func packNar(dir string, dump func(io.Writer) error, tee io.Writer) (*PackedNar,
 		tmp.Close()
 		return nil, err
 	}
-	return &PackedNar{File: tmp, NarHash: "sha256:" + nixbase32.EncodeToString(narHash.Sum(nil)), NarSize: cnt.n,
-		FileHash: "sha256:" + nixbase32.EncodeToString(fileHash.Sum(nil)), FileSize: uint64(size)}, nil
+	return &PackedNar{File: tmp, NarHash: "sha256:" + nixbase32.EncodeToString(narHash.Sum(nil)), NarSize: cnt.n, FileSize: uint64(size)}, nil
+}
+
+// NarLevel is the agents' zstd level for NARs: the fastest, zstd's level
+// 1 or so. On BenchmarkNarIngest's NAR it compresses as well as the
+// default level in about 60% of the time (docs/design.md, "Measured"),
+// and an agent's upload is CPU-bound on the agent.
+const NarLevel = zstd.SpeedFastest
+
+// asyncWriter writes to w, in its own goroutine, copies of what is
+// written to it. Close waits for the writes; the first error is returned
+// by Close and by later Writes.
+type asyncWriter struct {
+	ch     chan []byte
+	done   chan struct{}
+	err    error // set by the goroutine; read after done, or through failed
+	failed atomic.Bool
+}
+
+func newAsyncWriter(w io.Writer, depth int) *asyncWriter {
+	a := &asyncWriter{ch: make(chan []byte, depth), done: make(chan struct{})}
+	go func() {
+		defer close(a.done)
+		for b := range a.ch {
+			if a.err == nil {
+				if _, a.err = w.Write(b); a.err != nil {
+					a.failed.Store(true)
+				}
+			}
+		}
+	}()
+	return a
+}
+
+func (a *asyncWriter) Write(p []byte) (int, error) {
+	if a.failed.Load() {
+		return 0, errors.New("writing the compressed NAR failed")
+	}
+	a.ch <- bytes.Clone(p)
+	return len(p), nil
+}
+
+// Close waits for the queued writes and returns the first error.
+func (a *asyncWriter) Close() error {
+	close(a.ch)
+	<-a.done
+	return a.err
 }
 
 // chunkSender sends what is written to it as UploadNar chunks of 1 MiB.
@@ -395,7 +453,7 @@ func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credenti
 	sender.flush()
 	if sender.err == nil {
 		sender.err = sender.stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
-			NarHash: p.NarHash, NarSize: p.NarSize, FileHash: p.FileHash, FileSize: p.FileSize}}})
+			NarHash: p.NarHash, NarSize: p.NarSize, FileSize: p.FileSize}}})
 	}
 	resp, err := sender.stream.CloseAndReceive()
 	return p, resp, err
@@ -404,10 +462,21 @@ func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credenti
 // Close removes the temp file.
 func (p *PackedNar) Close() error { return p.File.Close() }
 
-// Header is the UploadNar header for this NAR.
-func (p *PackedNar) Header(lease uint64, path string, refs []string, deriver string) *kilnv1.NarHeader {
+// Header is the UploadNar header for this NAR (computing FileHash from
+// the file the first time).
+func (p *PackedNar) Header(lease uint64, path string, refs []string, deriver string) (*kilnv1.NarHeader, error) {
+	if p.FileHash == "" {
+		if _, err := p.File.Seek(0, io.SeekStart); err != nil {
+			return nil, err
+		}
+		h := sha256.New()
+		if _, err := io.Copy(h, p.File); err != nil {
+			return nil, fmt.Errorf("hashing the compressed NAR: %w", err)
+		}
+		p.FileHash = "sha256:" + nixbase32.EncodeToString(h.Sum(nil))
+	}
 	return &kilnv1.NarHeader{LeaseId: lease, StorePath: path, NarHash: p.NarHash, NarSize: p.NarSize,
-		References: refs, Deriver: deriver, FileHash: p.FileHash, FileSize: p.FileSize}
+		References: refs, Deriver: deriver, FileHash: p.FileHash, FileSize: p.FileSize}, nil
 }
 
 // Send streams a packed NAR as one UploadNar call.

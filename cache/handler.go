@@ -371,6 +371,18 @@ func (h *Handler) putNarInfo(r *http.Request, hashPart string) error {
 // with the cluster key and publishes it. On any mismatch nothing is
 // recorded.
 func (h *Handler) IngestNarInfo(ctx context.Context, rec *pb.NarInfo, leaseID uint64) error {
+	return h.ingest(ctx, rec, leaseID, nil)
+}
+
+// IngestPlacedNarInfo is IngestNarInfo for a NAR that was checked while it
+// arrived (sum is what ReadNarZst found in it) and whose blob is already
+// on a quorum of coordinators: the record must agree with sum, and the
+// blob is neither read again nor copied.
+func (h *Handler) IngestPlacedNarInfo(ctx context.Context, rec *pb.NarInfo, leaseID uint64, sum NarSummary) error {
+	return h.ingest(ctx, rec, leaseID, &sum)
+}
+
+func (h *Handler) ingest(ctx context.Context, rec *pb.NarInfo, leaseID uint64, placed *NarSummary) error {
 	if h.cfg.Signer == nil {
 		return fmt.Errorf("%w: no cache key configured (--cache-key-file)", raftfsm.ErrUnavailable)
 	}
@@ -400,17 +412,24 @@ func (h *Handler) IngestNarInfo(ctx context.Context, rec *pb.NarInfo, leaseID ui
 	if uint64(size) != rec.FileSize {
 		return fmt.Errorf("%w: FileSize %d, the uploaded file has %d bytes", raftfsm.ErrInvalid, rec.FileSize, size)
 	}
-	// The NAR is checked while the blob is copied to the other
-	// coordinators; the record is committed only when both succeed (a
-	// copy of a NAR that fails the check is swept as unreferenced).
-	checked := make(chan error, 1)
-	go func() { checked <- checkNar(&ctxReader{ctx: ctx, r: f}, rec) }()
-	replErr := h.cfg.Publisher.ReplicateBlob(ctx, rec.Blob, int64(rec.FileSize))
-	if err := <-checked; err != nil {
-		return err
-	}
-	if replErr != nil {
-		return replErr
+	if placed != nil {
+		if err := placed.check(rec); err != nil {
+			return err
+		}
+	} else {
+		// The NAR is checked while the blob is copied to the other
+		// coordinators; the record is committed only when both succeed
+		// (a copy of a NAR that fails the check is swept as
+		// unreferenced).
+		checked := make(chan error, 1)
+		go func() { checked <- checkNar(&ctxReader{ctx: ctx, r: f}, rec) }()
+		replErr := h.cfg.Publisher.ReplicateBlob(ctx, rec.Blob, int64(rec.FileSize))
+		if err := <-checked; err != nil {
+			return err
+		}
+		if replErr != nil {
+			return replErr
+		}
 	}
 	if err := h.cfg.Signer.SignRecord(rec); err != nil {
 		return err
@@ -434,9 +453,17 @@ func checkNar(r io.Reader, rec *pb.NarInfo) error {
 	if err != nil {
 		return err
 	}
-	want, _ := raftfsm.ValidNixHash("NarHash", rec.NarHash)
-	if !bytes.Equal(sum.Hash[:], want) || sum.Size != rec.NarSize {
-		return fmt.Errorf("%w: NarHash/NarSize do not match the uploaded NAR (it has %d bytes)", raftfsm.ErrInvalid, sum.Size)
+	return sum.check(rec)
+}
+
+// check tells whether a record's NarHash and NarSize are this NAR's.
+func (s NarSummary) check(rec *pb.NarInfo) error {
+	want, err := raftfsm.ValidNixHash("NarHash", rec.NarHash)
+	if err != nil {
+		return err
+	}
+	if !bytes.Equal(s.Hash[:], want) || s.Size != rec.NarSize {
+		return fmt.Errorf("%w: NarHash/NarSize do not match the uploaded NAR (it has %d bytes)", raftfsm.ErrInvalid, s.Size)
 	}
 	return nil
 }

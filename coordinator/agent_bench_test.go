@@ -433,18 +433,19 @@ func ingestNar(size int) []byte {
 
 // BenchmarkIngestPasses measures, one goroutine each, the passes over
 // BenchmarkNarIngest's NAR that an upload costs in CPU: zstd at the
-// agent's level, SHA-256 of the NAR (agent), SHA-256 of the compressed
-// file (agent, receiving node, each peer copy) and the NAR check
+// agent's level (agent.NarLevel; and at the default level, with both
+// file sizes, for comparison), SHA-256 of the NAR (agent), SHA-256 of the
+// compressed file (receiving node, each peer copy) and the NAR check
 // (decompress, parse, SHA-256). Their sum over two cores bounds an ingest
 // on this machine, next to the zstd CLI's compression alone.
 func BenchmarkIngestPasses(b *testing.B) {
 	n := ingestNar(64 << 20)
-	var compress, narHash, fileHash, check time.Duration
-	var zst bytes.Buffer
-	for b.Loop() {
-		zst.Reset()
+	var compress, compressDefault, narHash, fileHash, check time.Duration
+	var zst, zstDefault bytes.Buffer
+	pack := func(buf *bytes.Buffer, level zstd.EncoderLevel) time.Duration {
+		buf.Reset()
 		t0 := time.Now()
-		enc, err := zstd.NewWriter(&zst, zstd.WithEncoderConcurrency(1), zstd.WithEncoderLevel(zstd.SpeedDefault))
+		enc, err := zstd.NewWriter(buf, zstd.WithEncoderConcurrency(1), zstd.WithEncoderLevel(level))
 		if err != nil {
 			b.Fatal(err)
 		}
@@ -454,6 +455,11 @@ func BenchmarkIngestPasses(b *testing.B) {
 		if err := enc.Close(); err != nil {
 			b.Fatal(err)
 		}
+		return time.Since(t0)
+	}
+	for b.Loop() {
+		compress += pack(&zst, agent.NarLevel)
+		compressDefault += pack(&zstDefault, zstd.SpeedDefault)
 		t1 := time.Now()
 		sha256.Sum256(n)
 		t2 := time.Now()
@@ -464,10 +470,12 @@ func BenchmarkIngestPasses(b *testing.B) {
 			b.Fatalf("check: %v (size %d)", err, sum.Size)
 		}
 		t4 := time.Now()
-		compress, narHash, fileHash, check = compress+t1.Sub(t0), narHash+t2.Sub(t1), fileHash+t3.Sub(t2), check+t4.Sub(t3)
+		narHash, fileHash, check = narHash+t2.Sub(t1), fileHash+t3.Sub(t2), check+t4.Sub(t3)
 	}
 	ms := func(d time.Duration) float64 { return float64(d.Microseconds()) / 1000 / float64(b.N) }
 	b.ReportMetric(ms(compress), "compress-ms")
+	b.ReportMetric(ms(compressDefault), "compress-default-ms")
+	b.ReportMetric(float64(zstDefault.Len())/(1<<20), "file-default-MiB")
 	b.ReportMetric(ms(narHash), "nar-sha256-ms")
 	b.ReportMetric(ms(fileHash), "file-sha256-ms")
 	b.ReportMetric(ms(check), "check-ms")

@@ -23,6 +23,7 @@ import (
 	"github.com/hashicorp/go-memdb"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
+	"github.com/kilnci/kiln/cache"
 	"github.com/kilnci/kiln/raftfsm"
 	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
 	"github.com/kilnci/kiln/rpc"
@@ -401,7 +402,7 @@ func (s agentService) UploadNar(ctx context.Context, stream *connect.ClientStrea
 	if _, err := c.ownLease(a, hdr.LeaseId); err != nil {
 		return nil, rpc.Error(err)
 	}
-	fd, blob, err := c.receiveNar(ctx, hdr, &narChunks{stream: stream})
+	fd, blob, placed, err := c.receiveNar(ctx, hdr, &narChunks{stream: stream})
 	if err != nil {
 		return nil, rpc.Error(err)
 	}
@@ -411,7 +412,12 @@ func (s agentService) UploadNar(ctx context.Context, stream *connect.ClientStrea
 		FileHash: "sha256:" + nixbase32.EncodeToString(fd), FileSize: hdr.FileSize,
 		NarHash: hdr.NarHash, NarSize: hdr.NarSize, References: refs, Deriver: hdr.Deriver, Blob: blob,
 	}
-	if err := c.cacheHandler.IngestNarInfo(ctx, rec, hdr.LeaseId); err != nil {
+	if placed != nil {
+		err = c.cacheHandler.IngestPlacedNarInfo(ctx, rec, hdr.LeaseId, *placed)
+	} else {
+		err = c.cacheHandler.IngestNarInfo(ctx, rec, hdr.LeaseId)
+	}
+	if err != nil {
 		return nil, rpc.Error(err)
 	}
 	c.log.Info("output uploaded", "lease", hdr.LeaseId, "path", hdr.StorePath, "agent", a.Id, "bytes", hdr.FileSize)
@@ -421,35 +427,68 @@ func (s agentService) UploadNar(ctx context.Context, stream *connect.ClientStrea
 // receiveNar stores an upload's bytes as a blob. A streamed upload (a
 // header without hashes and sizes) is stored under its own hash and must
 // end with a trailer that agrees with what arrived; hdr gets the
-// trailer's values.
-func (c *Coordinator) receiveNar(ctx context.Context, hdr *kilnv1.NarHeader, chunks *narChunks) (fd []byte, blob string, err error) {
+// trailer's values. A streamed upload is also checked and copied to a
+// quorum while it arrives (uploadFanout): placed is then what the check
+// found. An upload with its hashes in the header is checked and copied
+// afterwards (placed is nil).
+func (c *Coordinator) receiveNar(ctx context.Context, hdr *kilnv1.NarHeader, chunks *narChunks) (fd []byte, blob string, placed *cache.NarSummary, err error) {
 	if streamed := hdr.FileHash == "" && hdr.FileSize == 0 && hdr.NarHash == "" && hdr.NarSize == 0; !streamed {
 		if fd, err = raftfsm.ValidNixHash("file_hash", hdr.FileHash); err != nil {
-			return nil, "", err
+			return nil, "", nil, err
 		}
 		if int64(hdr.FileSize) > c.cfg.MaxNarSize || int64(hdr.NarSize) > c.cfg.MaxNarSize {
-			return nil, "", fmt.Errorf("%w: NAR over %d bytes", raftfsm.ErrTooLarge, c.cfg.MaxNarSize)
+			return nil, "", nil, fmt.Errorf("%w: NAR over %d bytes", raftfsm.ErrTooLarge, c.cfg.MaxNarSize)
 		}
 		blob = hex.EncodeToString(fd)
-		return fd, blob, c.blobs.Put(ctx, blob, chunks, int64(hdr.FileSize))
+		return fd, blob, nil, c.blobs.Put(ctx, blob, chunks, int64(hdr.FileSize))
 	}
 	chunks.wantTrailer = true
+	fan := c.startFanout(hdr.LeaseId)
+	chunks.tee = func(b []byte) error { return fan.send(ctx, b) }
 	blob, size, err := c.blobs.PutHashed(ctx, chunks, c.cfg.MaxNarSize)
+	if err == nil {
+		err = streamedTrailer(hdr, chunks.trailer, blob, size)
+	}
 	if err != nil {
-		return nil, "", err
+		fan.finish(err) // the peers drop their partial copies
+		<-fan.checked   // the check ends with its stream
+		return nil, "", nil, err
 	}
-	tr := chunks.trailer
+	fan.finish(io.EOF)
+	sum, err := fan.wait(ctx, blob, size)
+	if err != nil {
+		return nil, "", nil, err
+	}
+	fd, _ = hex.DecodeString(blob)
+	return fd, blob, &sum, nil
+}
+
+// streamedTrailer checks a streamed upload's trailer against the blob its
+// bytes made and copies its values into hdr. The trailer's FileHash is
+// optional (agents leave it out: the NAR is checked against NarHash);
+// FileSize is not.
+func streamedTrailer(hdr *kilnv1.NarHeader, tr *kilnv1.NarTrailer, blob string, size int64) error {
 	if tr == nil {
-		return nil, "", fmt.Errorf("%w: the upload ended without its trailer", raftfsm.ErrInvalid)
+		return fmt.Errorf("%w: the upload ended without its trailer", raftfsm.ErrInvalid)
 	}
-	if fd, err = raftfsm.ValidNixHash("file_hash", tr.FileHash); err != nil {
-		return nil, "", err
+	fd, err := hex.DecodeString(blob)
+	if err != nil {
+		return err
 	}
-	if hex.EncodeToString(fd) != blob || tr.FileSize != uint64(size) {
-		return nil, "", fmt.Errorf("%w: the trailer's FileHash/FileSize do not match the %d bytes sent", raftfsm.ErrInvalid, size)
+	if tr.FileHash != "" {
+		claimed, err := raftfsm.ValidNixHash("file_hash", tr.FileHash)
+		if err != nil {
+			return err
+		}
+		if !bytes.Equal(claimed, fd) {
+			return fmt.Errorf("%w: the trailer's FileHash does not match the %d bytes sent", raftfsm.ErrInvalid, size)
+		}
 	}
-	hdr.FileHash, hdr.FileSize, hdr.NarHash, hdr.NarSize = tr.FileHash, tr.FileSize, tr.NarHash, tr.NarSize
-	return fd, blob, nil
+	if tr.FileSize != uint64(size) {
+		return fmt.Errorf("%w: the trailer's FileSize %d does not match the %d bytes sent", raftfsm.ErrInvalid, tr.FileSize, size)
+	}
+	hdr.FileHash, hdr.FileSize, hdr.NarHash, hdr.NarSize = "sha256:"+nixbase32.EncodeToString(fd), tr.FileSize, tr.NarHash, tr.NarSize
+	return nil
 }
 
 // narChunks reads an upload's zstd chunks as one byte stream, receiving
@@ -462,6 +501,8 @@ type narChunks struct {
 	trailer     *kilnv1.NarTrailer
 	buf         []byte
 	err         error
+	// tee, when set, gets each chunk as it arrives.
+	tee func([]byte) error
 }
 
 func (r *narChunks) Read(p []byte) (int, error) {
@@ -493,6 +534,9 @@ func (r *narChunks) next() error {
 			return fmt.Errorf("%w: chunk over 1 MiB", raftfsm.ErrTooLarge)
 		}
 		r.buf = part.ZstdChunk
+		if r.tee != nil {
+			return r.tee(part.ZstdChunk)
+		}
 		return nil
 	case *kilnv1.UploadNarRequest_Trailer:
 		if !r.wantTrailer || part.Trailer == nil {

@@ -67,6 +67,7 @@ func (c *Coordinator) newHTTPServer() *http.Server {
 	mux.Handle("GET /metrics", c.metrics.handler())
 	mux.Handle("/cache/", c.cacheHandler)
 	mux.HandleFunc("/internal/v1/blobs/{name}", c.handleInternalBlob)
+	mux.HandleFunc("POST /internal/v1/blobs", c.handleInternalBlobUpload)
 
 	var protocols http.Protocols
 	protocols.SetHTTP1(true)

@@ -1,14 +1,25 @@
 package coordinator
 
 import (
+	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/hex"
+	"encoding/json"
 	"errors"
+	"fmt"
 	"io"
+	"math/rand/v2"
+	"net/http"
+	"os"
+	"path/filepath"
 	"testing"
 	"time"
 
 	"connectrpc.com/connect"
+	"github.com/google/go-cmp/cmp"
+	"github.com/klauspost/compress/zstd"
+	"github.com/nix-community/go-nix/pkg/nar"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
 	"github.com/kilnci/kiln/agent"
@@ -113,6 +124,11 @@ func TestStreamedUpload(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
+	// Its trailer has no FileHash: the coordinator's own is recorded,
+	// which must be the packed file's.
+	if _, err := packed.Header(lease, out, nil, ""); err != nil {
+		t.Fatal(err)
+	}
 	if rec.NarHash != good.NarHash || rec.NarSize != good.NarSize || rec.FileHash != packed.FileHash || rec.FileSize != packed.FileSize {
 		t.Fatalf("recorded %s/%d, %s/%d; the agent packed %s/%d, %s/%d", rec.NarHash, rec.NarSize, rec.FileHash, rec.FileSize,
 			packed.NarHash, packed.NarSize, packed.FileHash, packed.FileSize)
@@ -120,4 +136,186 @@ func TestStreamedUpload(t *testing.T) {
 	if !l.blobs.Has(rec.Blob) {
 		t.Fatal("the recorded blob is not stored")
 	}
+}
+
+// TestStreamedUploadCopiesWhileArriving: on a 3-node cluster a streamed
+// upload reaches the other voters while it is still arriving (each peer
+// holds a partial copy before the agent has sent its trailer), the record
+// names a blob a quorum holds when the call returns, and with one peer
+// down the other makes the quorum.
+func TestStreamedUploadCopiesWhileArriving(t *testing.T) {
+	tc := startCluster(t, 3, withCacheKey(t), withAgents)
+	li, l := tc.leader(10 * time.Second)
+	outs := []string{storePathFor("big-1"), storePathFor("big-2")}
+	for i, out := range outs {
+		node := &pb.DerivationNode{DrvPath: storePathFor(fmt.Sprintf("big-%d.drv", i+1)), System: "x86_64-linux", Outputs: []*pb.Output{{Name: "out", Path: out}}}
+		if _, err := l.SubmitBuild(context.Background(), &pb.SubmitBuild{Build: &pb.Build{DrvPath: node.DrvPath}, Graph: []*pb.DerivationNode{node}}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	a := registerAgent(t, l.HTTPAddr())
+	leaseOf := map[string]uint64{}
+	for range outs {
+		ls, err := a.lease(5)
+		if err != nil || len(ls) != 1 {
+			t.Fatalf("lease: %v %v", ls, err)
+		}
+		leaseOf[ls[0].Outputs[0].Path] = ls[0].LeaseId
+	}
+	// Incompressible contents: several 1 MiB chunks.
+	content := make([]byte, 3<<20)
+	rng := rand.New(rand.NewPCG(5, 6))
+	for i := range content {
+		content[i] = byte(rng.Uint32())
+	}
+	narOf := func(content []byte) []byte {
+		var b bytes.Buffer
+		nw, _ := nar.NewWriter(&b)
+		if err := nw.WriteHeader(&nar.Header{Path: "/", Type: nar.TypeRegular, Size: int64(len(content))}); err != nil {
+			t.Fatal(err)
+		}
+		nw.Write(content)
+		if err := nw.Close(); err != nil {
+			t.Fatal(err)
+		}
+		return b.Bytes()
+	}
+	first := narOf(content)
+	var zst bytes.Buffer
+	enc, _ := zstd.NewWriter(&zst)
+	enc.Write(first)
+	enc.Close()
+	nh := sha256.Sum256(first)
+
+	// The chunks, but not yet the trailer.
+	stream := a.client.UploadNar(context.Background())
+	stream.RequestHeader().Set("Authorization", "Bearer "+a.cred)
+	if err := stream.Send(headerPart(&kilnv1.NarHeader{LeaseId: leaseOf[outs[0]], StorePath: outs[0]})); err != nil {
+		t.Fatal(err)
+	}
+	for b := zst.Bytes(); len(b) > 0; {
+		k := min(len(b), 1<<20)
+		if err := stream.Send(chunkPart(b[:k])); err != nil {
+			t.Fatal(err)
+		}
+		b = b[k:]
+	}
+	partial := func(i int) bool {
+		entries, _ := os.ReadDir(filepath.Join(tc.cfgs[i].DataDir, "blobs", "tmp"))
+		for _, e := range entries {
+			if info, err := e.Info(); err == nil && info.Size() > 0 {
+				return true
+			}
+		}
+		return false
+	}
+	for i := range tc.nodes {
+		if i != li {
+			tc.waitFor(10*time.Second, fmt.Sprintf("node %d holding part of the upload before its trailer", i), func() bool { return partial(i) })
+		}
+	}
+	if err := stream.Send(trailerPart(&kilnv1.NarTrailer{NarHash: "sha256:" + nixbase32.EncodeToString(nh[:]), NarSize: uint64(len(first)), FileSize: uint64(zst.Len())})); err != nil {
+		t.Fatal(err)
+	}
+	if _, err := stream.CloseAndReceive(); err != nil {
+		t.Fatalf("upload: %v", err)
+	}
+	rec, err := l.fsm.Read().NarInfo(raftfsm.HashPart(outs[0]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	holders := func() int {
+		n := 0
+		for _, c := range tc.nodes {
+			if c != nil && c.blobs.Has(rec.Blob) {
+				n++
+			}
+		}
+		return n
+	}
+	if n := holders(); n < 2 {
+		t.Fatalf("%d nodes hold the blob when the upload returns, want a quorum (2)", n)
+	}
+	tc.waitFor(10*time.Second, "every node holding the blob", func() bool { return holders() == 3 })
+
+	// One peer down: the other makes the quorum.
+	down := (li + 1) % 3
+	tc.stop(down)
+	content[0] ^= 1
+	second := narOf(content)
+	packed, _, err := agent.StreamNar(context.Background(), a.client, a.cred, t.TempDir(),
+		&kilnv1.NarHeader{LeaseId: leaseOf[outs[1]], StorePath: outs[1]}, 0, func(w io.Writer) error { _, err := w.Write(second); return err })
+	if err != nil {
+		t.Fatalf("StreamNar with a peer down: %v", err)
+	}
+	defer packed.Close()
+	rec, err = l.fsm.Read().NarInfo(raftfsm.HashPart(outs[1]))
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n := holders(); n != 2 {
+		t.Fatalf("%d running nodes hold the blob, want both", n)
+	}
+}
+
+// TestInternalBlobUpload: a streamed blob copy between coordinators needs
+// the cluster credential, is stored under its own hash, and is bounded.
+func TestInternalBlobUpload(t *testing.T) {
+	tc := startCluster(t, 1, func(_ int, cfg *Config) { cfg.MaxNarSize = 1 << 20 })
+	_, l := tc.leader(5 * time.Second)
+	body := []byte("a blob copy")
+	sum := sha256.Sum256(body)
+	post := func(token string, body io.Reader) *http.Response {
+		req, err := http.NewRequest(http.MethodPost, "http://"+l.HTTPAddr()+"/internal/v1/blobs", body)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if token != "" {
+			req.Header.Set("Authorization", "Bearer "+token)
+		}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		return resp
+	}
+	for _, tc := range []struct {
+		name   string
+		token  string
+		body   io.Reader
+		status int
+	}{
+		{"no credential", "", bytes.NewReader(body), http.StatusUnauthorized},
+		{"wrong credential", "nope", bytes.NewReader(body), http.StatusForbidden},
+		{"over the limit", testToken, io.LimitReader(zeroReader{}, 2<<20), http.StatusRequestEntityTooLarge},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if resp := post(tc.token, tc.body); resp.StatusCode != tc.status {
+				t.Fatalf("status %d, want %d", resp.StatusCode, tc.status)
+			}
+			if l.blobs.Has(hex.EncodeToString(sum[:])) {
+				t.Fatal("a refused copy was stored")
+			}
+		})
+	}
+	resp := post(testToken, bytes.NewReader(body))
+	var got storedBlob
+	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d, %v", resp.StatusCode, err)
+	}
+	want := storedBlob{Name: hex.EncodeToString(sum[:]), Size: int64(len(body))}
+	if diff := cmp.Diff(want, got); diff != "" {
+		t.Fatalf("answer (-want +got):\n%s", diff)
+	}
+	if !l.blobs.Has(want.Name) {
+		t.Fatal("the copy is not stored")
+	}
+}
+
+type zeroReader struct{}
+
+func (zeroReader) Read(p []byte) (int, error) {
+	clear(p)
+	return len(p), nil
 }

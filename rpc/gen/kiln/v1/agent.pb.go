@@ -938,11 +938,14 @@ func (*UploadNarRequest_Trailer) isUploadNarRequest_Part() {}
 
 // NarTrailer carries what a streamed upload's header could not know yet.
 type NarTrailer struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NarHash       string                 `protobuf:"bytes,1,opt,name=nar_hash,json=narHash,proto3" json:"nar_hash,omitempty"` // sha256:<nixbase32>
-	NarSize       uint64                 `protobuf:"varint,2,opt,name=nar_size,json=narSize,proto3" json:"nar_size,omitempty"`
-	FileHash      string                 `protobuf:"bytes,3,opt,name=file_hash,json=fileHash,proto3" json:"file_hash,omitempty"` // of the compressed stream, sha256:<nixbase32>
-	FileSize      uint64                 `protobuf:"varint,4,opt,name=file_size,json=fileSize,proto3" json:"file_size,omitempty"`
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	NarHash string                 `protobuf:"bytes,1,opt,name=nar_hash,json=narHash,proto3" json:"nar_hash,omitempty"` // sha256:<nixbase32>
+	NarSize uint64                 `protobuf:"varint,2,opt,name=nar_size,json=narSize,proto3" json:"nar_size,omitempty"`
+	// Of the compressed stream, sha256:<nixbase32>; optional (the
+	// coordinator hashes what arrives and checks the NAR against nar_hash),
+	// but when set it must match.
+	FileHash      string `protobuf:"bytes,3,opt,name=file_hash,json=fileHash,proto3" json:"file_hash,omitempty"`
+	FileSize      uint64 `protobuf:"varint,4,opt,name=file_size,json=fileSize,proto3" json:"file_size,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
