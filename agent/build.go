@@ -356,10 +356,9 @@ const NarLevel = zstd.SpeedFastest
 // written to it. Close waits for the writes; the first error is returned
 // by Close and by later Writes.
 type asyncWriter struct {
-	ch     chan []byte
-	done   chan struct{}
-	err    error // set by the goroutine; read after done, or through failed
-	failed atomic.Bool
+	ch   chan []byte
+	done chan struct{}
+	err  atomic.Pointer[error] // the first write error
 }
 
 func newAsyncWriter(w io.Writer, depth int) *asyncWriter {
@@ -367,9 +366,9 @@ func newAsyncWriter(w io.Writer, depth int) *asyncWriter {
 	go func() {
 		defer close(a.done)
 		for b := range a.ch {
-			if a.err == nil {
-				if _, a.err = w.Write(b); a.err != nil {
-					a.failed.Store(true)
+			if a.err.Load() == nil {
+				if _, err := w.Write(b); err != nil {
+					a.err.Store(&err)
 				}
 			}
 		}
@@ -378,8 +377,8 @@ func newAsyncWriter(w io.Writer, depth int) *asyncWriter {
 }
 
 func (a *asyncWriter) Write(p []byte) (int, error) {
-	if a.failed.Load() {
-		return 0, errors.New("writing the compressed NAR failed")
+	if err := a.err.Load(); err != nil {
+		return 0, *err
 	}
 	a.ch <- bytes.Clone(p)
 	return len(p), nil
@@ -389,7 +388,10 @@ func (a *asyncWriter) Write(p []byte) (int, error) {
 func (a *asyncWriter) Close() error {
 	close(a.ch)
 	<-a.done
-	return a.err
+	if err := a.err.Load(); err != nil {
+		return *err
+	}
+	return nil
 }
 
 // chunkSender sends what is written to it as UploadNar chunks of 1 MiB.

@@ -447,7 +447,7 @@ func (c *Coordinator) receiveNar(ctx context.Context, hdr *kilnv1.NarHeader, chu
 	chunks.tee = func(b []byte) error { return fan.send(ctx, b) }
 	blob, size, err := c.blobs.PutHashed(ctx, chunks, c.cfg.MaxNarSize)
 	if err == nil {
-		err = streamedTrailer(hdr, chunks.trailer, blob, size)
+		fd, err = streamedTrailer(hdr, chunks.trailer, blob, size)
 	}
 	if err != nil {
 		fan.finish(err) // the peers drop their partial copies
@@ -459,36 +459,36 @@ func (c *Coordinator) receiveNar(ctx context.Context, hdr *kilnv1.NarHeader, chu
 	if err != nil {
 		return nil, "", nil, err
 	}
-	fd, _ = hex.DecodeString(blob)
 	return fd, blob, &sum, nil
 }
 
 // streamedTrailer checks a streamed upload's trailer against the blob its
-// bytes made and copies its values into hdr. The trailer's FileHash is
-// optional (agents leave it out: the NAR is checked against NarHash);
-// FileSize is not.
-func streamedTrailer(hdr *kilnv1.NarHeader, tr *kilnv1.NarTrailer, blob string, size int64) error {
+// bytes made, copies its sizes and NarHash into hdr, and returns the
+// blob's hash (the record's FileHash). The trailer's FileHash is optional
+// (agents leave it out: the NAR is checked against NarHash); FileSize is
+// not.
+func streamedTrailer(hdr *kilnv1.NarHeader, tr *kilnv1.NarTrailer, blob string, size int64) ([]byte, error) {
 	if tr == nil {
-		return fmt.Errorf("%w: the upload ended without its trailer", raftfsm.ErrInvalid)
+		return nil, fmt.Errorf("%w: the upload ended without its trailer", raftfsm.ErrInvalid)
 	}
 	fd, err := hex.DecodeString(blob)
 	if err != nil {
-		return err
+		return nil, err
 	}
 	if tr.FileHash != "" {
 		claimed, err := raftfsm.ValidNixHash("file_hash", tr.FileHash)
 		if err != nil {
-			return err
+			return nil, err
 		}
 		if !bytes.Equal(claimed, fd) {
-			return fmt.Errorf("%w: the trailer's FileHash does not match the %d bytes sent", raftfsm.ErrInvalid, size)
+			return nil, fmt.Errorf("%w: the trailer's FileHash does not match the %d bytes sent", raftfsm.ErrInvalid, size)
 		}
 	}
 	if tr.FileSize != uint64(size) {
-		return fmt.Errorf("%w: the trailer's FileSize %d does not match the %d bytes sent", raftfsm.ErrInvalid, tr.FileSize, size)
+		return nil, fmt.Errorf("%w: the trailer's FileSize %d does not match the %d bytes sent", raftfsm.ErrInvalid, tr.FileSize, size)
 	}
-	hdr.FileHash, hdr.FileSize, hdr.NarHash, hdr.NarSize = "sha256:"+nixbase32.EncodeToString(fd), tr.FileSize, tr.NarHash, tr.NarSize
-	return nil
+	hdr.FileSize, hdr.NarHash, hdr.NarSize = tr.FileSize, tr.NarHash, tr.NarSize
+	return fd, nil
 }
 
 // narChunks reads an upload's zstd chunks as one byte stream, receiving

@@ -49,9 +49,7 @@ func (b *localBlobs) Put(ctx context.Context, name string, r io.Reader, limit in
 	if err := b.BlobStore.Put(ctx, name, r, limit); err != nil {
 		return err
 	}
-	b.mu.Lock()
-	b.have[name] = true
-	b.mu.Unlock()
+	b.add(name)
 	return nil
 }
 
@@ -60,10 +58,14 @@ func (b *localBlobs) PutHashed(ctx context.Context, r io.Reader, limit int64) (s
 	if err != nil {
 		return "", 0, err
 	}
+	b.add(name)
+	return name, n, nil
+}
+
+func (b *localBlobs) add(name string) {
 	b.mu.Lock()
 	b.have[name] = true
 	b.mu.Unlock()
-	return name, n, nil
 }
 
 func (b *localBlobs) Has(name string) bool {
@@ -340,8 +342,8 @@ func (c *Coordinator) handleInternalBlob(w http.ResponseWriter, r *http.Request)
 		w.Header().Set("Content-Type", "application/octet-stream")
 		http.ServeContent(w, r, "", time.Time{}, f)
 	case http.MethodPut:
-		if r.ContentLength > c.cfg.MaxNarSize {
-			web.WriteError(w, fmt.Errorf("%w: blob of %d bytes, limit %d", raftfsm.ErrTooLarge, r.ContentLength, c.cfg.MaxNarSize))
+		if err := c.blobCopyLength(r); err != nil {
+			web.WriteError(w, err)
 			return
 		}
 		if err := c.blobs.Put(r.Context(), name, r.Body, c.cfg.MaxNarSize); err != nil {
@@ -353,6 +355,15 @@ func (c *Coordinator) handleInternalBlob(w http.ResponseWriter, r *http.Request)
 		w.Header().Set("Allow", "GET, HEAD, PUT")
 		web.WriteJSON(w, http.StatusMethodNotAllowed, map[string]string{"error": "method " + r.Method + " not allowed"})
 	}
+}
+
+// blobCopyLength refuses a blob copy whose declared length is over the
+// limit (the store still bounds what it reads).
+func (c *Coordinator) blobCopyLength(r *http.Request) error {
+	if r.ContentLength > c.cfg.MaxNarSize {
+		return fmt.Errorf("%w: blob of %d bytes, limit %d", raftfsm.ErrTooLarge, r.ContentLength, c.cfg.MaxNarSize)
+	}
+	return nil
 }
 
 // clusterAuth checks the credential coordinators use with each other (the

@@ -120,9 +120,12 @@ func (c *Coordinator) startFanout(lease uint64) *uploadFanout {
 		return f
 	}
 	f.need = need
+	if need <= 0 {
+		return f
+	}
 	f.results = make(chan peerCopyResult, len(peers))
 	for _, p := range peers {
-		if p.addr == "" || need <= 0 || !c.startBackground() {
+		if p.addr == "" || !c.startBackground() {
 			continue
 		}
 		ctx, cancel := context.WithCancel(c.bgCtx)
@@ -270,8 +273,8 @@ func (c *Coordinator) handleInternalBlobUpload(w http.ResponseWriter, r *http.Re
 		web.WriteError(w, err)
 		return
 	}
-	if r.ContentLength > c.cfg.MaxNarSize {
-		web.WriteError(w, fmt.Errorf("%w: blob of %d bytes, limit %d", raftfsm.ErrTooLarge, r.ContentLength, c.cfg.MaxNarSize))
+	if err := c.blobCopyLength(r); err != nil {
+		web.WriteError(w, err)
 		return
 	}
 	name, n, err := c.blobs.PutHashed(r.Context(), r.Body, c.cfg.MaxNarSize)

@@ -37,7 +37,7 @@ type buildTable struct {
 type rangeVersion struct{ _ byte }
 
 func newBuildTable() *buildTable {
-	opts := btree.Options{Degree: stepDegree, NoLocks: true}
+	opts := btree.Options{Degree: treeDegree, NoLocks: true}
 	return &buildTable{
 		byID:     btree.NewBTreeGOptions(func(a, b *pb.Build) bool { return a.Id < b.Id }, opts),
 		byState:  btree.NewBTreeGOptions(func(a, b *pb.Build) bool { return a.State < b.State || a.State == b.State && a.Id < b.Id }, opts),

@@ -50,10 +50,10 @@ type watchKey struct {
 	system string
 }
 
-const stepDegree = 16 // nodes of 15–31 items: a random write copies half what the default 32 would
+const treeDegree = 16 // nodes of 15–31 items: a random write copies half what the default 32 would
 
 func newStepTable() *stepTable {
-	opts := btree.Options{Degree: stepDegree, NoLocks: true}
+	opts := btree.Options{Degree: treeDegree, NoLocks: true}
 	return &stepTable{
 		byDrv:   btree.NewBTreeGOptions(func(a, b *stepRec) bool { return a.DrvPath < b.DrvPath }, opts),
 		sched:   btree.NewBTreeGOptions(func(a, b *stepRec) bool { return schedCmp(a, b) < 0 }, opts),
