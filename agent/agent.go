@@ -31,7 +31,7 @@ type Config struct {
 	Coordinators []string
 	// JoinToken is the cluster's agent join token, used once to register.
 	JoinToken string
-	// WorkDir keeps the agent's credential and temporary files.
+	// WorkDir keeps the agent's credential and the cache of the Nix it runs.
 	WorkDir string
 	// Store is a Nix store URI or chroot root passed as --store ("": the
 	// default store).

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -246,111 +247,76 @@ func (a *Agent) readLog(ctx context.Context, l *kilnv1.Lease) ([]byte, error) {
 }
 
 // upload dumps an output to a NAR and streams it up under the lease,
-// compressed with zstd, while it compresses (keeping a copy on disk).
+// upload dumps an output to a NAR and streams it up under the lease,
+// compressed with zstd while it is sent.
 func (a *Agent) upload(ctx context.Context, l *kilnv1.Lease, path string) error {
-	refs, err := a.references(ctx, path)
+	info, err := a.pathInfo(ctx, path)
 	if err != nil {
 		return err
 	}
-	return a.sendOutput(ctx, l, path, refs, func(w io.Writer) error { return nar.DumpPath(w, a.realPath(path)) })
+	return a.sendOutput(ctx, l, path, info, func(w io.Writer) error { return nar.DumpPath(w, a.realPath(path)) })
 }
 
-// sendOutput uploads the NAR dump writes as output path of the lease. The
-// first attempt sends while it compresses; should it fail, the compressed
-// copy kept on disk is sent again to the next coordinator.
-func (a *Agent) sendOutput(ctx context.Context, l *kilnv1.Lease, path string, refs []string, dump func(io.Writer) error) error {
-	deriver := strings.TrimPrefix(l.DrvPath, storeDir+"/")
-	var packed *PackedNar
-	var packErr error
-	defer func() {
-		if packed != nil {
-			packed.Close()
-		}
-	}()
+// sendOutput uploads the NAR dump writes as output path of the lease,
+// streaming it while it compresses. Should a coordinator fail the upload,
+// the next one gets the output dumped again (store paths do not change).
+func (a *Agent) sendOutput(ctx context.Context, l *kilnv1.Lease, path string, info storePathInfo, dump func(io.Writer) error) error {
+	if l.MaxNarBytes > 0 && info.NarSize > l.MaxNarBytes {
+		return fmt.Errorf("output %s: its NAR is %d bytes, over the lease's %d-byte limit", path, info.NarSize, l.MaxNarBytes)
+	}
+	hdr := &kilnv1.NarHeader{LeaseId: l.LeaseId, StorePath: path, References: info.References,
+		Deriver: strings.TrimPrefix(l.DrvPath, storeDir+"/")}
 	_, err := call(ctx, a, func(c kilnv1connect.AgentServiceClient) (*connect.Response[kilnv1.UploadNarResponse], error) {
-		if packed != nil {
-			hdr, err := packed.Header(l.LeaseId, path, refs, deriver)
-			if err != nil {
-				packErr = err
-				return nil, connect.NewError(connect.CodeCanceled, err)
-			}
-			return packed.Send(ctx, c, a.cred, hdr)
-		}
-		hdr := &kilnv1.NarHeader{LeaseId: l.LeaseId, StorePath: path, References: refs, Deriver: deriver}
-		p, resp, err := StreamNar(ctx, c, a.cred, a.cfg.WorkDir, hdr, l.MaxNarBytes, dump)
-		if p == nil {
-			packErr = err
+		resp, err := StreamNar(ctx, c, a.cred, hdr, info.NarHash, info.NarSize, dump)
+		if errors.Is(err, ErrDump) {
 			return nil, connect.NewError(connect.CodeCanceled, err) // not worth another coordinator
 		}
-		packed = p
 		return resp, err
 	})
-	if packErr != nil {
-		return fmt.Errorf("dumping output %s: %w", path, packErr)
-	}
 	return err
 }
 
-type counter struct{ n uint64 }
-
-func (c *counter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return len(p), nil }
-
-// PackedNar is a NAR compressed with zstd into a temp file, with the
-// hashes and sizes an upload's header needs. FileHash, which only a resent
-// upload needs (a streamed one is hashed by the coordinator that receives
-// it, and its NAR checked against NarHash), is computed by Header.
-type PackedNar struct {
-	File     *os.File
-	NarHash  string // sha256:<nixbase32>
-	NarSize  uint64
-	FileHash string
-	FileSize uint64
-}
-
-// packNar runs dump (which writes a NAR) through zstd into a temp file in
-// dir, hashing the NAR on the way, and writes the compressed bytes to tee
-// as they are made (tee must not fail the packing: its errors are its own
-// business). The file and tee are written by their own goroutine, so the
-// encoder goes on compressing while a chunk is sent.
-func packNar(dir string, dump func(io.Writer) error, tee io.Writer) (*PackedNar, error) {
-	tmp, err := os.CreateTemp(dir, "nar-*.zst")
-	if err != nil {
-		return nil, err
-	}
-	os.Remove(tmp.Name()) // unlinked: gone when closed
-	out := newAsyncWriter(io.MultiWriter(tmp, tee), 8)
-	narHash := sha256.New()
-	enc, err := zstd.NewWriter(out, zstd.WithEncoderConcurrency(2), zstd.WithEncoderLevel(NarLevel))
-	if err != nil {
-		out.Close()
-		tmp.Close()
-		return nil, err
-	}
-	cnt := &counter{}
-	err = dump(io.MultiWriter(enc, narHash, cnt))
-	if cerr := enc.Close(); err == nil {
-		err = cerr
-	}
-	if werr := out.Close(); err == nil {
-		err = werr
-	}
-	if err != nil {
-		tmp.Close()
-		return nil, err
-	}
-	size, err := tmp.Seek(0, io.SeekCurrent)
-	if err != nil {
-		tmp.Close()
-		return nil, err
-	}
-	return &PackedNar{File: tmp, NarHash: "sha256:" + nixbase32.EncodeToString(narHash.Sum(nil)), NarSize: cnt.n, FileSize: uint64(size)}, nil
-}
+// ErrDump is a failure to dump and compress an output (not to send it).
+var ErrDump = errors.New("dumping the output")
 
 // NarLevel is the agents' zstd level for NARs: the fastest, zstd's level
 // 1 or so. On BenchmarkNarIngest's NAR it compresses as well as the
 // default level in about 60% of the time (docs/design.md, "Measured"),
 // and an agent's upload is CPU-bound on the agent.
 const NarLevel = zstd.SpeedFastest
+
+// NarEncoderOptions are the agents' zstd options for NARs: NarLevel, and
+// no frame checksum (the receiving coordinator checks the whole NAR
+// against its NarHash, which covers what the checksum would).
+func NarEncoderOptions() []zstd.EOption {
+	return []zstd.EOption{zstd.WithEncoderLevel(NarLevel), zstd.WithEncoderCRC(false)}
+}
+
+// compressNar runs dump (which writes a NAR) through zstd to w, returning
+// the NAR's size. w is written by its own goroutine, so the encoder goes
+// on compressing while a chunk is sent; w's errors are its own business
+// (they do not fail the compression).
+func compressNar(dump func(io.Writer) error, w io.Writer) (uint64, error) {
+	out := newAsyncWriter(w, 8)
+	enc, err := zstd.NewWriter(out, append(NarEncoderOptions(), zstd.WithEncoderConcurrency(2))...)
+	if err != nil {
+		out.Close()
+		return 0, err
+	}
+	cnt := &counter{}
+	err = dump(io.MultiWriter(enc, cnt))
+	if cerr := enc.Close(); err == nil {
+		err = cerr
+	}
+	if werr := out.Close(); err == nil {
+		err = werr
+	}
+	return cnt.n, err
+}
+
+type counter struct{ n uint64 }
+
+func (c *counter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return len(p), nil }
 
 // asyncWriter writes to w, in its own goroutine, copies of what is
 // written to it. Close waits for the writes; the first error is returned
@@ -394,25 +360,19 @@ func (a *asyncWriter) Close() error {
 	return nil
 }
 
-// chunkSender sends what is written to it as UploadNar chunks of 1 MiB.
-// After a failed send it drops what follows and keeps the error.
+// chunkSender sends what is written to it as UploadNar chunks of 1 MiB,
+// counting the bytes. After a failed send it drops what follows and keeps
+// the error.
 type chunkSender struct {
 	stream *connect.ClientStreamForClient[kilnv1.UploadNarRequest, kilnv1.UploadNarResponse]
 	buf    []byte
+	n      uint64
 	err    error
-}
-
-// startUpload opens an UploadNar call and sends its header.
-func startUpload(ctx context.Context, c kilnv1connect.AgentServiceClient, credential string, hdr *kilnv1.NarHeader) *chunkSender {
-	stream := c.UploadNar(ctx)
-	stream.RequestHeader().Set("Authorization", "Bearer "+credential)
-	s := &chunkSender{stream: stream, buf: make([]byte, 0, 1<<20)}
-	s.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}})
-	return s
 }
 
 func (s *chunkSender) Write(p []byte) (int, error) {
 	n := len(p)
+	s.n += uint64(n)
 	for len(p) > 0 && s.err == nil {
 		k := min(len(p), 1<<20-len(s.buf))
 		s.buf = append(s.buf, p[:k]...)
@@ -431,81 +391,91 @@ func (s *chunkSender) flush() {
 	s.buf = s.buf[:0]
 }
 
-// StreamNar packs a NAR (packNar) and sends it as one UploadNar call
-// while it compresses: hdr leaves the hashes and sizes empty (they are not
-// known yet) and a trailer brings them. The packed NAR is returned even
-// when the sending failed, so it can be sent again from its file; it is
-// nil, with the error, only when packing failed or the NAR is over
-// maxBytes (0: no limit), and then the upload is abandoned.
-func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credential, dir string, hdr *kilnv1.NarHeader, maxBytes uint64, dump func(io.Writer) error) (*PackedNar, *connect.Response[kilnv1.UploadNarResponse], error) {
+// StreamNar sends the NAR dump writes, compressed with zstd while it is
+// sent, as one UploadNar call. hdr names the lease and the path (and its
+// references and deriver) and leaves the hashes and sizes empty: a trailer
+// brings narHash and narSize, what the store registered for the path, and
+// the compressed size. The coordinator hashes the compressed bytes itself
+// and checks the NAR against narHash, so the agent hashes nothing. A dump
+// that fails, or whose size is not narSize, abandons the upload (no
+// trailer is sent) with an error wrapping ErrDump.
+func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credential string, hdr *kilnv1.NarHeader, narHash string, narSize uint64, dump func(io.Writer) error) (*connect.Response[kilnv1.UploadNarResponse], error) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	sender := startUpload(sctx, c, credential, hdr)
-	p, err := packNar(dir, dump, sender)
-	if err == nil && maxBytes > 0 && max(p.NarSize, p.FileSize) > maxBytes {
-		err = fmt.Errorf("%d bytes, over the %d-byte limit", max(p.NarSize, p.FileSize), maxBytes)
-		p.Close()
-		p = nil
+	stream := c.UploadNar(sctx)
+	stream.RequestHeader().Set("Authorization", "Bearer "+credential)
+	s := &chunkSender{stream: stream, buf: make([]byte, 0, 1<<20)}
+	s.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}})
+	n, err := compressNar(dump, s)
+	if err == nil && n != narSize {
+		err = fmt.Errorf("the NAR is %d bytes, but the store registered %d", n, narSize)
 	}
 	if err != nil {
 		cancel() // abandon the upload: no trailer is sent
-		_, _ = sender.stream.CloseAndReceive()
-		return nil, nil, err
+		_, _ = stream.CloseAndReceive()
+		return nil, fmt.Errorf("%w: %w", ErrDump, err)
 	}
-	sender.flush()
-	if sender.err == nil {
-		sender.err = sender.stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
-			NarHash: p.NarHash, NarSize: p.NarSize, FileSize: p.FileSize}}})
+	s.flush()
+	if s.err == nil {
+		s.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
+			NarHash: narHash, NarSize: narSize, FileSize: s.n}}})
 	}
-	resp, err := sender.stream.CloseAndReceive()
-	return p, resp, err
+	return stream.CloseAndReceive()
 }
 
-// Close removes the temp file.
-func (p *PackedNar) Close() error { return p.File.Close() }
-
-// Header is the UploadNar header for this NAR (computing FileHash from
-// the file the first time).
-func (p *PackedNar) Header(lease uint64, path string, refs []string, deriver string) (*kilnv1.NarHeader, error) {
-	if p.FileHash == "" {
-		if _, err := p.File.Seek(0, io.SeekStart); err != nil {
-			return nil, err
-		}
-		h := sha256.New()
-		if _, err := io.Copy(h, p.File); err != nil {
-			return nil, fmt.Errorf("hashing the compressed NAR: %w", err)
-		}
-		p.FileHash = "sha256:" + nixbase32.EncodeToString(h.Sum(nil))
-	}
-	return &kilnv1.NarHeader{LeaseId: lease, StorePath: path, NarHash: p.NarHash, NarSize: p.NarSize,
-		References: refs, Deriver: deriver, FileHash: p.FileHash, FileSize: p.FileSize}, nil
+// storePathInfo is what the agent's store registered for a path.
+type storePathInfo struct {
+	NarHash    string // sha256:<nixbase32>
+	NarSize    uint64
+	References []string // basenames
 }
 
-// Send streams a packed NAR as one UploadNar call.
-func (p *PackedNar) Send(ctx context.Context, c kilnv1connect.AgentServiceClient, credential string, hdr *kilnv1.NarHeader) (*connect.Response[kilnv1.UploadNarResponse], error) {
-	if _, err := p.File.Seek(0, io.SeekStart); err != nil {
-		return nil, err
-	}
-	sender := startUpload(ctx, c, credential, hdr)
-	if sender.err == nil {
-		// chunkSender never fails a write: an error here is the file's.
-		if _, err := io.Copy(sender, p.File); err != nil {
-			return nil, err
-		}
-		sender.flush()
-	}
-	return sender.stream.CloseAndReceive()
-}
-
-// references lists a built path's references as basenames.
-func (a *Agent) references(ctx context.Context, path string) ([]string, error) {
-	out, err := a.nixStore(ctx, a.storeArgs("--query", "--references", path)...).Output()
+// pathInfo asks the store what it registered for a built path (one
+// nix-store call: its hash and size of the NAR, computed by Nix when the
+// path was added, and its references).
+func (a *Agent) pathInfo(ctx context.Context, path string) (storePathInfo, error) {
+	out, err := a.nixStore(ctx, a.storeArgs("--dump-db", path)...).Output()
 	if err != nil {
-		return nil, fmt.Errorf("querying references of %s: %w", path, err)
+		return storePathInfo{}, fmt.Errorf("querying the store about %s: %w", path, err)
 	}
-	var refs []string
-	for _, r := range strings.Fields(string(out)) {
-		refs = append(refs, strings.TrimPrefix(r, storeDir+"/"))
+	info, err := parseDumpDB(out, path)
+	if err != nil {
+		return storePathInfo{}, fmt.Errorf("querying the store about %s: %w", path, err)
 	}
-	return refs, nil
+	return info, nil
+}
+
+// parseDumpDB reads `nix-store --dump-db path`: the path, its NAR's
+// SHA-256 in hex, the NAR's size, the deriver (maybe empty), the number of
+// references, and the references, a line each.
+func parseDumpDB(out []byte, path string) (storePathInfo, error) {
+	lines := strings.Split(string(out), "\n")
+	if len(lines) < 6 || lines[len(lines)-1] != "" {
+		return storePathInfo{}, fmt.Errorf("unexpected --dump-db output (%d lines)", len(lines))
+	}
+	lines = lines[:len(lines)-1]
+	if lines[0] != path {
+		return storePathInfo{}, fmt.Errorf("--dump-db names %.200q, not %s", lines[0], path)
+	}
+	sum, err := hex.DecodeString(lines[1])
+	if err != nil || len(sum) != sha256.Size {
+		return storePathInfo{}, fmt.Errorf("--dump-db: %.100q is not a SHA-256 in hex", lines[1])
+	}
+	size, err := strconv.ParseUint(lines[2], 10, 64)
+	if err != nil || size == 0 {
+		return storePathInfo{}, fmt.Errorf("--dump-db: bad NAR size %.100q", lines[2])
+	}
+	nrefs, err := strconv.Atoi(lines[4])
+	if err != nil || nrefs < 0 || nrefs != len(lines)-5 {
+		return storePathInfo{}, fmt.Errorf("--dump-db: %.100q references, with %d lines left", lines[4], len(lines)-5)
+	}
+	info := storePathInfo{NarHash: "sha256:" + nixbase32.EncodeToString(sum), NarSize: size}
+	for _, r := range lines[5:] {
+		base, ok := strings.CutPrefix(r, storeDir+"/")
+		if !ok || base == "" || strings.Contains(base, "/") {
+			return storePathInfo{}, fmt.Errorf("--dump-db: reference %.200q is not a store path", r)
+		}
+		info.References = append(info.References, base)
+	}
+	return info, nil
 }

@@ -6,6 +6,7 @@ import (
 	"encoding/hex"
 	"errors"
 	"fmt"
+	"hash"
 	"io"
 	"os"
 	"path/filepath"
@@ -32,6 +33,12 @@ type BlobStore interface {
 	// PutHashed stores r, durably, under the hex SHA-256 of its bytes,
 	// reading at most limit bytes; it returns the name and the size.
 	PutHashed(ctx context.Context, r io.Reader, limit int64) (string, int64, error)
+	// PutCopy stores r, durably, under the name named returns once r has
+	// been read to its end, reading at most limit bytes; it returns the
+	// name and the size. It is for a copy of bytes another node hashed:
+	// they are not hashed again (named checks the transfer, and Verify
+	// finds a copy that does not match its name).
+	PutCopy(ctx context.Context, r io.Reader, limit int64, named func() (string, error)) (string, int64, error)
 	// Open returns the blob for reading, with its size.
 	Open(name string) (io.ReadSeekCloser, int64, error)
 	Has(name string) bool
@@ -89,18 +96,25 @@ func (s *FSBlobStore) Put(ctx context.Context, name string, r io.Reader, limit i
 	if _, err := s.path(name); err != nil {
 		return err
 	}
-	_, _, err := s.put(ctx, name, r, limit)
+	_, _, err := s.put(ctx, name, r, limit, nil)
 	return err
 }
 
 // PutHashed stores r under the hex SHA-256 of its bytes, atomically and
 // durably, and returns that name and the size.
 func (s *FSBlobStore) PutHashed(ctx context.Context, r io.Reader, limit int64) (string, int64, error) {
-	return s.put(ctx, "", r, limit)
+	return s.put(ctx, "", r, limit, nil)
 }
 
-// put stores r under want, or under its hash when want is "".
-func (s *FSBlobStore) put(ctx context.Context, want string, r io.Reader, limit int64) (name string, n int64, err error) {
+// PutCopy stores r under the name named gives at its end, atomically and
+// durably, without hashing it.
+func (s *FSBlobStore) PutCopy(ctx context.Context, r io.Reader, limit int64, named func() (string, error)) (string, int64, error) {
+	return s.put(ctx, "", r, limit, named)
+}
+
+// put stores r under want, under the name named returns when named is not
+// nil, or else under its hash.
+func (s *FSBlobStore) put(ctx context.Context, want string, r io.Reader, limit int64, named func() (string, error)) (name string, n int64, err error) {
 	body := &ctxReader{ctx: ctx, r: io.LimitReader(r, limit+1)}
 	if want != "" && s.Has(want) {
 		// Take the bytes anyway (a sender expects them read), and refresh
@@ -121,14 +135,28 @@ func (s *FSBlobStore) put(ctx context.Context, want string, r io.Reader, limit i
 			os.Remove(tmp.Name())
 		}
 	}()
-	h := sha256.New()
-	if n, err = io.Copy(io.MultiWriter(tmp, h), body); err != nil {
+	var h hash.Hash
+	if named == nil {
+		h = sha256.New()
+	}
+	bw := newBlobWriter(tmp, h)
+	defer bw.release()
+	if n, err = bw.ReadFrom(body); err != nil {
+		return "", 0, err
+	}
+	if err := bw.finish(); err != nil {
 		return "", 0, err
 	}
 	if n > limit {
 		return "", 0, fmt.Errorf("%w: blob over the %d-byte limit", raftfsm.ErrTooLarge, limit)
 	}
-	name = hex.EncodeToString(h.Sum(nil))
+	if named != nil {
+		if name, err = named(); err != nil {
+			return "", 0, err
+		}
+	} else {
+		name = hex.EncodeToString(h.Sum(nil))
+	}
 	if want != "" && name != want {
 		return "", 0, fmt.Errorf("%w: got %s, want %s", ErrHashMismatch, name, want)
 	}

@@ -454,7 +454,7 @@ func (c *Coordinator) receiveNar(ctx context.Context, hdr *kilnv1.NarHeader, chu
 		<-fan.checked   // the check ends with its stream
 		return nil, "", nil, err
 	}
-	fan.finish(io.EOF)
+	fan.complete(blob, size)
 	sum, err := fan.wait(ctx, blob, size)
 	if err != nil {
 		return nil, "", nil, err

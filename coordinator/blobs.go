@@ -62,6 +62,15 @@ func (b *localBlobs) PutHashed(ctx context.Context, r io.Reader, limit int64) (s
 	return name, n, nil
 }
 
+func (b *localBlobs) PutCopy(ctx context.Context, r io.Reader, limit int64, named func() (string, error)) (string, int64, error) {
+	name, n, err := b.BlobStore.PutCopy(ctx, r, limit, named)
+	if err != nil {
+		return "", 0, err
+	}
+	b.add(name)
+	return name, n, nil
+}
+
 func (b *localBlobs) add(name string) {
 	b.mu.Lock()
 	b.have[name] = true
@@ -206,6 +215,7 @@ func (c *Coordinator) ReplicateBlob(ctx context.Context, blob string, size int64
 			pctx, cancel := context.WithTimeout(c.bgCtx, timeout)
 			defer cancel()
 			err := c.pushBlob(pctx, p, blob)
+			c.metrics.countBlobCopy("pushed", err)
 			if err != nil {
 				c.log.Warn("blob copy to peer failed", "blob", blob, "peer", p.id, "err", err)
 			}

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"net/http"
 	"sync"
@@ -59,6 +60,30 @@ func (s *chunkSink) Read(p []byte) (int, error) {
 	return n, nil
 }
 
+// WriteTo writes the chunks to w as they come, whole (an HTTP body copy
+// sends each as one piece, not 32 KiB at a time).
+func (s *chunkSink) WriteTo(w io.Writer) (int64, error) {
+	var n int64
+	for {
+		for len(s.buf) == 0 {
+			b, ok := <-s.ch
+			if !ok {
+				if s.end == io.EOF {
+					return n, nil
+				}
+				return n, s.end
+			}
+			s.buf = b
+		}
+		k, err := w.Write(s.buf)
+		n += int64(k)
+		s.buf = s.buf[k:]
+		if err != nil {
+			return n, err
+		}
+	}
+}
+
 // finish ends the stream: after what is queued, Read returns err (io.EOF
 // for a complete upload).
 func (s *chunkSink) finish(err error) {
@@ -81,8 +106,6 @@ type peerCopy struct {
 
 type peerCopyResult struct {
 	peer blobPeer
-	name string
-	size int64
 	err  error
 }
 
@@ -99,8 +122,10 @@ type uploadFanout struct {
 	checked chan checkResult
 	peers   []*peerCopy
 	results chan peerCopyResult
-	need    int  // copies besides this node's that make a quorum
-	unknown bool // the peers were unknown: the blob is pushed afterwards
+	need    int    // copies besides this node's that make a quorum
+	unknown bool   // the peers were unknown: the blob is pushed afterwards
+	blob    string // the upload's hash and size, set by complete before the streams end
+	size    int64
 }
 
 // startFanout starts the check and one copy per peer that has an address.
@@ -135,8 +160,14 @@ func (c *Coordinator) startFanout(lease uint64) *uploadFanout {
 			defer c.bg.Done()
 			defer cancel()
 			defer pc.sink.quit()
-			name, size, err := c.copyStreamToPeer(ctx, p, pc.sink)
-			f.results <- peerCopyResult{peer: p, name: name, size: size, err: err}
+			name, size, err := c.copyStreamToPeer(ctx, p, pc.sink, func() string { return f.blob })
+			// Without an error the stream reached its end: complete had
+			// set blob and size.
+			if err == nil && (name != f.blob || size != f.size) {
+				err = fmt.Errorf("the peer stored %s (%d bytes), not %s (%d bytes)", name, size, f.blob, f.size)
+			}
+			c.metrics.countBlobCopy("streamed", err)
+			f.results <- peerCopyResult{peer: p, err: err}
 		}()
 	}
 	return f
@@ -181,8 +212,16 @@ func (f *uploadFanout) send(ctx context.Context, b []byte) error {
 	return nil
 }
 
+// complete ends every consumer's stream after the last chunk: the upload
+// was stored here as blob (size bytes), the name its copies are sent under.
+func (f *uploadFanout) complete(blob string, size int64) {
+	f.blob, f.size = blob, size // read by the copies once their streams end
+	f.finish(io.EOF)
+}
+
 // finish ends every consumer's stream with err (io.EOF: the upload is
-// complete). Copies still running get BlobPushTimeout to finish.
+// complete; see complete). Copies still running get BlobPushTimeout to
+// finish.
 func (f *uploadFanout) finish(err error) {
 	f.check.finish(err)
 	for _, p := range f.peers {
@@ -212,12 +251,9 @@ func (f *uploadFanout) wait(ctx context.Context, blob string, size int64) (cache
 	for pending := len(f.peers); ok < f.need && pending > 0; pending-- {
 		select {
 		case r := <-f.results:
-			switch {
-			case r.err != nil:
-				f.c.log.Warn("upload: streamed copy to peer failed", "lease", f.lease, "peer", r.peer.id, "err", r.err)
-			case r.name != blob || r.size != size:
-				f.c.log.Warn("upload: peer stored a different blob", "lease", f.lease, "peer", r.peer.id, "blob", blob, "got", r.name, "size", r.size)
-			default:
+			if r.err != nil {
+				f.c.log.Warn("upload: streamed copy to peer failed", "lease", f.lease, "peer", r.peer.id, "blob", blob, "err", r.err)
+			} else {
 				ok++
 			}
 		case <-ctx.Done():
@@ -233,13 +269,84 @@ func (f *uploadFanout) wait(ctx context.Context, blob string, size int64) (cache
 	return res.sum, nil
 }
 
-// copyStreamToPeer sends body to a peer as a blob whose name neither side
-// knows until the end; the peer answers the name and size it stored.
-func (c *Coordinator) copyStreamToPeer(ctx context.Context, p blobPeer, body io.Reader) (string, int64, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+p.addr+"/internal/v1/blobs", body)
+// A streamed copy's name is not known until its end: it comes in an HTTP
+// trailer, with the CRC-32C of the bytes sent. The peer checks the bytes
+// against the CRC, not by hashing them again (the node that sends them
+// hashed them as it stored them; a scrub re-hashes every blob).
+const (
+	blobNameTrailer = "Kiln-Blob"
+	blobCRCTrailer  = "Kiln-Blob-Crc32c"
+)
+
+var castagnoli = crc32.MakeTable(crc32.Castagnoli)
+
+// crcReader keeps the CRC-32C of what is read through it.
+type crcReader struct {
+	r   io.Reader
+	crc uint32
+}
+
+func (c *crcReader) Read(p []byte) (int, error) {
+	n, err := c.r.Read(p)
+	c.crc = crc32.Update(c.crc, castagnoli, p[:n])
+	return n, err
+}
+
+// crcWriter adds what is written through it to a CRC-32C.
+type crcWriter struct {
+	w   io.Writer
+	crc *uint32
+}
+
+func (c crcWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	*c.crc = crc32.Update(*c.crc, castagnoli, p[:n])
+	return n, err
+}
+
+func (c *crcReader) sum() string { return fmt.Sprintf("%08x", c.crc) }
+
+// trailedBody reads a streamed copy's body, and at its end (before
+// returning io.EOF) sets the request's trailers.
+type trailedBody struct {
+	crcReader
+	trailer http.Header
+	name    func() string
+}
+
+func (b *trailedBody) Read(p []byte) (int, error) {
+	n, err := b.crcReader.Read(p)
+	if err == io.EOF {
+		b.setTrailers()
+	}
+	return n, err
+}
+
+// WriteTo copies the body to w, with its reader's WriteTo if it has one
+// (a chunkSink's), and sets the trailers at its end.
+func (b *trailedBody) WriteTo(w io.Writer) (int64, error) {
+	n, err := io.Copy(crcWriter{w: w, crc: &b.crc}, b.r)
+	if err == nil {
+		b.setTrailers()
+	}
+	return n, err
+}
+
+func (b *trailedBody) setTrailers() {
+	b.trailer.Set(blobNameTrailer, b.name())
+	b.trailer.Set(blobCRCTrailer, b.sum())
+}
+
+// copyStreamToPeer sends body to a peer as a blob whose name, which name
+// gives once body has ended, goes in a trailer; the peer answers the name
+// and size it stored.
+func (c *Coordinator) copyStreamToPeer(ctx context.Context, p blobPeer, body io.Reader, name func() string) (string, int64, error) {
+	tb := &trailedBody{crcReader: crcReader{r: body}, trailer: http.Header{blobNameTrailer: nil, blobCRCTrailer: nil}, name: name}
+	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+p.addr+"/internal/v1/blobs", tb)
 	if err != nil {
 		return "", 0, err
 	}
+	req.Trailer = tb.trailer
 	req.Header.Set("Authorization", "Bearer "+c.cfg.AdminToken)
 	req.Header.Set("Content-Type", "application/octet-stream")
 	resp, err := c.blobClient.Do(req)
@@ -266,8 +373,10 @@ type storedBlob struct {
 }
 
 // handleInternalBlobUpload takes a blob copy whose name the sender does not
-// know yet (an upload still arriving): it is stored, durably, under its
-// own hash, which the answer names for the sender to compare with its own.
+// know until the end (an upload still arriving). With the name and CRC-32C
+// in trailers (copyStreamToPeer), the bytes are checked against the CRC
+// and stored under that name; without them, under their own hash. Either
+// way, durably; the answer names the blob for the sender to compare.
 func (c *Coordinator) handleInternalBlobUpload(w http.ResponseWriter, r *http.Request) {
 	if err := c.clusterAuth(r); err != nil {
 		web.WriteError(w, err)
@@ -277,7 +386,24 @@ func (c *Coordinator) handleInternalBlobUpload(w http.ResponseWriter, r *http.Re
 		web.WriteError(w, err)
 		return
 	}
-	name, n, err := c.blobs.PutHashed(r.Context(), r.Body, c.cfg.MaxNarSize)
+	var name string
+	var n int64
+	var err error
+	if _, trailed := r.Trailer[blobNameTrailer]; trailed {
+		body := &crcReader{r: r.Body}
+		name, n, err = c.blobs.PutCopy(r.Context(), body, c.cfg.MaxNarSize, func() (string, error) {
+			name, sum := r.Trailer.Get(blobNameTrailer), r.Trailer.Get(blobCRCTrailer)
+			if name == "" || sum == "" {
+				return "", fmt.Errorf("%w: the copy ended without its name and checksum", raftfsm.ErrInvalid)
+			}
+			if want := body.sum(); sum != want {
+				return "", fmt.Errorf("%w: the copy's CRC-32C is %s, the sender's %.20q", raftfsm.ErrInvalid, want, sum)
+			}
+			return name, nil
+		})
+	} else {
+		name, n, err = c.blobs.PutHashed(r.Context(), r.Body, c.cfg.MaxNarSize)
+	}
 	if err != nil {
 		web.WriteError(w, err)
 		return

@@ -27,6 +27,7 @@ type metrics struct {
 	commitDuration prometheus.Histogram
 	cacheRequests  *prometheus.CounterVec
 	cacheCounters  map[cacheKind]prometheus.Counter
+	blobCopies     *prometheus.CounterVec
 }
 
 func newMetrics(c *Coordinator) *metrics {
@@ -48,9 +49,26 @@ func newMetrics(c *Coordinator) *metrics {
 		m.cacheCounters[cacheKind{kind, true}] = m.cacheRequests.WithLabelValues(kind, "hit")
 		m.cacheCounters[cacheKind{kind, false}] = m.cacheRequests.WithLabelValues(kind, "miss")
 	}
-	m.reg.MustRegister(m.leasesGranted, m.leasesExpired, m.stepDuration, m.submitToLease, m.narBytesIn, m.narBytesOut, m.commitDuration, m.cacheRequests,
+	m.blobCopies = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "kiln_blob_copies_total",
+		Help: "Blob copies this node sent to other coordinators: streamed while an upload arrived, or pushed after; by result."}, []string{"how", "result"})
+	for _, how := range []string{"streamed", "pushed"} {
+		for _, result := range []string{"ok", "failed"} {
+			m.blobCopies.WithLabelValues(how, result)
+		}
+	}
+	m.reg.MustRegister(m.leasesGranted, m.leasesExpired, m.stepDuration, m.submitToLease, m.narBytesIn, m.narBytesOut, m.commitDuration, m.cacheRequests, m.blobCopies,
 		collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}), stateCollector{c})
 	return m
+}
+
+// countBlobCopy counts one blob copy sent to a peer ("streamed" or
+// "pushed") by its result.
+func (m *metrics) countBlobCopy(how string, err error) {
+	result := "ok"
+	if err != nil {
+		result = "failed"
+	}
+	m.blobCopies.WithLabelValues(how, result).Inc()
 }
 
 func (m *metrics) handler() http.Handler {

@@ -8,11 +8,13 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"hash/crc32"
 	"io"
 	"math/rand/v2"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -21,6 +23,7 @@ import (
 	"github.com/klauspost/compress/zstd"
 	"github.com/nix-community/go-nix/pkg/nar"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
+	"github.com/prometheus/client_golang/prometheus/testutil"
 
 	"github.com/kilnci/kiln/agent"
 	"github.com/kilnci/kiln/raftfsm"
@@ -113,25 +116,39 @@ func TestStreamedUpload(t *testing.T) {
 		})
 	}
 
-	// The agent's own streaming upload.
-	packed, _, err := agent.StreamNar(context.Background(), a.client, a.cred, t.TempDir(),
-		&kilnv1.NarHeader{LeaseId: lease, StorePath: out}, 0, func(w io.Writer) error { _, err := w.Write(n.nar); return err })
-	if err != nil {
+	// The agent's own streaming upload: the store's NarHash and NarSize
+	// in the trailer, no FileHash.
+	if _, err := agent.StreamNar(context.Background(), a.client, a.cred, &kilnv1.NarHeader{LeaseId: lease, StorePath: out},
+		good.NarHash, good.NarSize, func(w io.Writer) error { _, err := w.Write(n.nar); return err }); err != nil {
 		t.Fatalf("StreamNar: %v", err)
 	}
-	defer packed.Close()
 	rec, err := l.fsm.Read().NarInfo(raftfsm.HashPart(out))
 	if err != nil {
 		t.Fatal(err)
 	}
-	// Its trailer has no FileHash: the coordinator's own is recorded,
-	// which must be the packed file's.
-	if _, err := packed.Header(lease, out, nil, ""); err != nil {
+	// The coordinator's own FileHash is recorded: the hash of the bytes
+	// it stored, which decompress to the NAR.
+	f, size, err := l.blobs.Open(rec.Blob)
+	if err != nil {
+		t.Fatalf("the recorded blob is not stored: %v", err)
+	}
+	stored, err := io.ReadAll(f)
+	f.Close()
+	if err != nil {
 		t.Fatal(err)
 	}
-	if rec.NarHash != good.NarHash || rec.NarSize != good.NarSize || rec.FileHash != packed.FileHash || rec.FileSize != packed.FileSize {
-		t.Fatalf("recorded %s/%d, %s/%d; the agent packed %s/%d, %s/%d", rec.NarHash, rec.NarSize, rec.FileHash, rec.FileSize,
-			packed.NarHash, packed.NarSize, packed.FileHash, packed.FileSize)
+	sh := sha256.Sum256(stored)
+	if rec.NarHash != good.NarHash || rec.NarSize != good.NarSize || rec.FileHash != "sha256:"+nixbase32.EncodeToString(sh[:]) || rec.FileSize != uint64(size) {
+		t.Fatalf("recorded %s/%d, %s/%d; the store registered %s/%d and the blob is %x/%d", rec.NarHash, rec.NarSize, rec.FileHash, rec.FileSize,
+			good.NarHash, good.NarSize, sh, size)
+	}
+	dec, err := zstd.NewReader(bytes.NewReader(stored))
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer dec.Close()
+	if got, err := io.ReadAll(dec); err != nil || !bytes.Equal(got, n.nar) {
+		t.Fatalf("the stored blob does not decompress to the NAR (%v)", err)
 	}
 	if !l.blobs.Has(rec.Blob) {
 		t.Fatal("the recorded blob is not stored")
@@ -237,24 +254,35 @@ func TestStreamedUploadCopiesWhileArriving(t *testing.T) {
 		t.Fatalf("%d nodes hold the blob when the upload returns, want a quorum (2)", n)
 	}
 	tc.waitFor(10*time.Second, "every node holding the blob", func() bool { return holders() == 3 })
+	// Both peers took the streamed copy (checked by CRC-32C, stored under
+	// the leader's name); nothing was pushed afterwards.
+	copies := func(how, result string) int {
+		return int(testutil.ToFloat64(l.metrics.blobCopies.WithLabelValues(how, result)))
+	}
+	tc.waitFor(10*time.Second, "two streamed copies counted", func() bool { return copies("streamed", "ok") == 2 })
+	if n := copies("pushed", "ok") + copies("pushed", "failed") + copies("streamed", "failed"); n != 0 {
+		t.Fatalf("%d copies pushed or failed, want none", n)
+	}
 
 	// One peer down: the other makes the quorum.
 	down := (li + 1) % 3
 	tc.stop(down)
 	content[0] ^= 1
 	second := narOf(content)
-	packed, _, err := agent.StreamNar(context.Background(), a.client, a.cred, t.TempDir(),
-		&kilnv1.NarHeader{LeaseId: leaseOf[outs[1]], StorePath: outs[1]}, 0, func(w io.Writer) error { _, err := w.Write(second); return err })
-	if err != nil {
+	sh := sha256.Sum256(second)
+	if _, err := agent.StreamNar(context.Background(), a.client, a.cred, &kilnv1.NarHeader{LeaseId: leaseOf[outs[1]], StorePath: outs[1]},
+		"sha256:"+nixbase32.EncodeToString(sh[:]), uint64(len(second)), func(w io.Writer) error { _, err := w.Write(second); return err }); err != nil {
 		t.Fatalf("StreamNar with a peer down: %v", err)
 	}
-	defer packed.Close()
 	rec, err = l.fsm.Read().NarInfo(raftfsm.HashPart(outs[1]))
 	if err != nil {
 		t.Fatal(err)
 	}
 	if n := holders(); n != 2 {
 		t.Fatalf("%d running nodes hold the blob, want both", n)
+	}
+	if ok, failed, pushed := copies("streamed", "ok"), copies("streamed", "failed"), copies("pushed", "ok")+copies("pushed", "failed"); ok != 3 || failed != 1 || pushed != 0 {
+		t.Fatalf("streamed copies %d ok, %d failed, %d pushed; want 3, 1 (the stopped peer), 0", ok, failed, pushed)
 	}
 }
 
@@ -310,6 +338,66 @@ func TestInternalBlobUpload(t *testing.T) {
 	}
 	if !l.blobs.Has(want.Name) {
 		t.Fatal("the copy is not stored")
+	}
+
+	// A streamed copy names itself in trailers, with its CRC-32C.
+	crcOf := func(b []byte) string {
+		return fmt.Sprintf("%08x", crc32.Checksum(b, crc32.MakeTable(crc32.Castagnoli)))
+	}
+	trailed := func(body []byte, name, crc string) *http.Response {
+		req, err := http.NewRequest(http.MethodPost, "http://"+l.HTTPAddr()+"/internal/v1/blobs", io.MultiReader(bytes.NewReader(body)))
+		if err != nil {
+			t.Fatal(err)
+		}
+		req.Header.Set("Authorization", "Bearer "+testToken)
+		req.Trailer = http.Header{blobNameTrailer: {name}, blobCRCTrailer: {crc}}
+		resp, err := http.DefaultClient.Do(req)
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { resp.Body.Close() })
+		return resp
+	}
+	other := []byte("another blob copy")
+	osum := sha256.Sum256(other)
+	oname := hex.EncodeToString(osum[:])
+	for _, tc := range []struct {
+		name, blob, crc string
+	}{
+		{"wrong checksum", oname, crcOf(body)},
+		{"no name", "", crcOf(other)},
+		{"no checksum", oname, ""},
+		{"not a blob name", "../" + oname[3:], crcOf(other)},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			if resp := trailed(other, tc.blob, tc.crc); resp.StatusCode != http.StatusBadRequest {
+				t.Fatalf("status %d, want 400", resp.StatusCode)
+			}
+			if l.blobs.Has(oname) {
+				t.Fatal("a refused copy was stored")
+			}
+		})
+	}
+	resp = trailed(other, oname, crcOf(other))
+	got = storedBlob{}
+	if err := json.NewDecoder(resp.Body).Decode(&got); err != nil || resp.StatusCode != http.StatusOK {
+		t.Fatalf("status %d, %v", resp.StatusCode, err)
+	}
+	if diff := cmp.Diff(storedBlob{Name: oname, Size: int64(len(other))}, got); diff != "" {
+		t.Fatalf("answer (-want +got):\n%s", diff)
+	}
+	// The peer does not hash a streamed copy: one named wrongly (by a
+	// sender that hashed wrongly) is stored, and a scrub finds it.
+	wrong := strings.Repeat("ab", 32)
+	if resp := trailed(other, wrong, crcOf(other)); resp.StatusCode != http.StatusOK || !l.blobs.Has(wrong) {
+		t.Fatalf("status %d, stored %v", resp.StatusCode, l.blobs.Has(wrong))
+	}
+	rep, err := l.Scrub(context.Background())
+	if err != nil {
+		t.Fatal(err)
+	}
+	if diff := cmp.Diff([]string{wrong}, rep.Corrupt); diff != "" || l.blobs.Has(wrong) || !l.blobs.Has(oname) {
+		t.Fatalf("scrub found corrupt (-want +got):\n%s(still stored: %v)", diff, l.blobs.Has(wrong))
 	}
 }
 

@@ -95,7 +95,7 @@ func newAgentCmd() *cobra.Command {
 	fl := cmd.Flags()
 	fl.StringSliceVar(&cfg.Coordinators, "coordinator", nil, "coordinator URL(s); any member works")
 	fl.StringVar(&tokenFile, "token-file", "", "file holding the cluster's agent join token")
-	fl.StringVar(&cfg.WorkDir, "work-dir", "/var/lib/kiln-agent", "keeps the agent's credential and temporary files")
+	fl.StringVar(&cfg.WorkDir, "work-dir", "/var/lib/kiln-agent", "keeps the agent's credential and the cache of the Nix it runs")
 	fl.StringVar(&cfg.Store, "store", "", "Nix store to build in (a chroot root like /tmp/agentA, or a store URI; default: the local store)")
 	fl.StringSliceVar(&cfg.Systems, "systems", nil, "systems this agent builds (default: what the local Nix reports)")
 	fl.StringSliceVar(&cfg.Features, "features", nil, "supported system features (default: what the local Nix reports)")
