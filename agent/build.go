@@ -17,7 +17,6 @@ import (
 	"strconv"
 	"strings"
 	"sync"
-	"sync/atomic"
 	"time"
 
 	"connectrpc.com/connect"
@@ -247,7 +246,6 @@ func (a *Agent) readLog(ctx context.Context, l *kilnv1.Lease) ([]byte, error) {
 }
 
 // upload dumps an output to a NAR and streams it up under the lease,
-// upload dumps an output to a NAR and streams it up under the lease,
 // compressed with zstd while it is sent.
 func (a *Agent) upload(ctx context.Context, l *kilnv1.Lease, path string) error {
 	info, err := a.pathInfo(ctx, path)
@@ -294,22 +292,18 @@ func NarEncoderOptions() []zstd.EOption {
 
 // compressNar runs dump (which writes a NAR) through zstd to w, returning
 // the NAR's size. w is written by its own goroutine, so the encoder goes
-// on compressing while a chunk is sent; w's errors are its own business
-// (they do not fail the compression).
-func compressNar(dump func(io.Writer) error, w io.Writer) (uint64, error) {
+// on compressing while a chunk is sent.
+func compressNar(dump func(io.Writer) error, w *chunkSender) (uint64, error) {
 	out := newAsyncWriter(w, 8)
+	defer out.Close()
 	enc, err := zstd.NewWriter(out, append(NarEncoderOptions(), zstd.WithEncoderConcurrency(2))...)
 	if err != nil {
-		out.Close()
 		return 0, err
 	}
 	cnt := &counter{}
 	err = dump(io.MultiWriter(enc, cnt))
 	if cerr := enc.Close(); err == nil {
 		err = cerr
-	}
-	if werr := out.Close(); err == nil {
-		err = werr
 	}
 	return cnt.n, err
 }
@@ -318,46 +312,34 @@ type counter struct{ n uint64 }
 
 func (c *counter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return len(p), nil }
 
-// asyncWriter writes to w, in its own goroutine, copies of what is
-// written to it. Close waits for the writes; the first error is returned
-// by Close and by later Writes.
+// asyncWriter writes to a chunkSender, in its own goroutine, copies of
+// what is written to it (a chunkSender never fails a write: it keeps its
+// error). Close waits for the writes.
 type asyncWriter struct {
 	ch   chan []byte
 	done chan struct{}
-	err  atomic.Pointer[error] // the first write error
 }
 
-func newAsyncWriter(w io.Writer, depth int) *asyncWriter {
+func newAsyncWriter(w *chunkSender, depth int) *asyncWriter {
 	a := &asyncWriter{ch: make(chan []byte, depth), done: make(chan struct{})}
 	go func() {
 		defer close(a.done)
 		for b := range a.ch {
-			if a.err.Load() == nil {
-				if _, err := w.Write(b); err != nil {
-					a.err.Store(&err)
-				}
-			}
+			w.Write(b)
 		}
 	}()
 	return a
 }
 
 func (a *asyncWriter) Write(p []byte) (int, error) {
-	if err := a.err.Load(); err != nil {
-		return 0, *err
-	}
 	a.ch <- bytes.Clone(p)
 	return len(p), nil
 }
 
-// Close waits for the queued writes and returns the first error.
-func (a *asyncWriter) Close() error {
+// Close waits for the queued writes.
+func (a *asyncWriter) Close() {
 	close(a.ch)
 	<-a.done
-	if err := a.err.Load(); err != nil {
-		return *err
-	}
-	return nil
 }
 
 // chunkSender sends what is written to it as UploadNar chunks of 1 MiB,

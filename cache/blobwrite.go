@@ -103,12 +103,10 @@ func (w *blobWriter) finish() error {
 	}
 	padded := (w.n + directAlign - 1) / directAlign * directAlign
 	clear(w.buf[w.n:padded])
-	err := w.write(w.buf[:padded])
-	w.n = 0
-	if err != nil {
+	if err := w.write(w.buf[:padded]); err != nil {
 		return err
 	}
-	w.size = tail
+	w.n = 0
 	return w.f.Truncate(tail)
 }
 

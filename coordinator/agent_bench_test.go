@@ -23,7 +23,6 @@ import (
 	"time"
 
 	"github.com/klauspost/compress/zstd"
-	"github.com/nix-community/go-nix/pkg/nar"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
 	"github.com/kilnci/kiln/agent"
@@ -256,13 +255,6 @@ func BenchmarkLeaseCycle(b *testing.B) {
 	}
 }
 
-// withDefaultRaftTimeouts gives a benchmark's cluster the Raft timeouts a
-// deployment has (hashicorp/raft's defaults) instead of the tests' short
-// ones, under which a loaded 2-core machine loses its leader.
-func withDefaultRaftTimeouts(_ int, cfg *Config) {
-	cfg.HeartbeatTimeout, cfg.ElectionTimeout, cfg.LeaderLeaseTimeout, cfg.CommitTimeout = 0, 0, 0, 0
-}
-
 const benchLeaseWindow = 5 * time.Second
 
 // benchProfile writes a CPU profile of a benchmark's measured window when
@@ -356,7 +348,7 @@ func BenchmarkNarIngest(b *testing.B) {
 	if _, err := exec.LookPath("zstd"); err != nil {
 		b.Fatal("zstd not found: make bench installs it")
 	}
-	narBytes := ingestNar(64 << 20)
+	narBytes := ingestNar(b, 64<<20)
 	dir := b.TempDir()
 	narFile := filepath.Join(dir, "bench.nar")
 	if err := os.WriteFile(narFile, narBytes, 0o600); err != nil {
@@ -431,7 +423,7 @@ func processCPU(b *testing.B) time.Duration {
 
 // ingestNar is a NAR of one file of size bytes, in 4 KiB runs alternately
 // random and repetitive: it compresses like a typical output.
-func ingestNar(size int) []byte {
+func ingestNar(b *testing.B, size int) []byte {
 	data := make([]byte, size)
 	rng := rand.New(rand.NewPCG(1, 2))
 	for i := 0; i < size; i += 4096 {
@@ -446,12 +438,7 @@ func ingestNar(size int) []byte {
 			copy(data[i:i+4096], bytes.Repeat([]byte("kiln nar ingest "), 256))
 		}
 	}
-	var buf bytes.Buffer
-	nw, _ := nar.NewWriter(&buf)
-	_ = nw.WriteHeader(&nar.Header{Path: "/", Type: nar.TypeRegular, Size: int64(size)})
-	_, _ = nw.Write(data)
-	_ = nw.Close()
-	return buf.Bytes()
+	return fileNar(b, data, false)
 }
 
 // BenchmarkIngestPasses measures, one goroutine each, the passes over
@@ -463,7 +450,7 @@ func ingestNar(size int) []byte {
 // that hash alone). Their sum over two cores bounds an ingest on this
 // machine, next to the zstd CLI's compression alone.
 func BenchmarkIngestPasses(b *testing.B) {
-	n := ingestNar(64 << 20)
+	n := ingestNar(b, 64<<20)
 	var compress, compressDefault, narHash, fileHash, crc, check time.Duration
 	var zst, zstDefault bytes.Buffer
 	pack := func(buf *bytes.Buffer, level zstd.EncoderLevel) time.Duration {

@@ -455,7 +455,7 @@ func (c *Coordinator) receiveNar(ctx context.Context, hdr *kilnv1.NarHeader, chu
 		return nil, "", nil, err
 	}
 	fan.complete(blob, size)
-	sum, err := fan.wait(ctx, blob, size)
+	sum, err := fan.wait(ctx)
 	if err != nil {
 		return nil, "", nil, err
 	}

@@ -36,39 +36,45 @@ func storePathFor(name string) string {
 	return raftfsm.StoreDir + "/" + nixbase32.EncodeToString(h[:20]) + "-" + name
 }
 
+// fileNar is the NAR of one regular file holding content.
+func fileNar(tb testing.TB, content []byte, executable bool) []byte {
+	tb.Helper()
+	var b bytes.Buffer
+	nw, err := nar.NewWriter(&b)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	if err := nw.WriteHeader(&nar.Header{Path: "/", Type: nar.TypeRegular, Size: int64(len(content)), Executable: executable}); err != nil {
+		tb.Fatal(err)
+	}
+	if _, err := nw.Write(content); err != nil {
+		tb.Fatal(err)
+	}
+	if err := nw.Close(); err != nil {
+		tb.Fatal(err)
+	}
+	return b.Bytes()
+}
+
 // makeNar builds a one-file NAR for name, compresses it and writes the
 // narinfo; mutate may spoil it.
 func makeNar(t *testing.T, name string, mutate func(narSize *int, narHash *[]byte)) testNar {
 	t.Helper()
-	content := []byte(strings.Repeat("contents of "+name+"\n", 50))
-	var narBuf bytes.Buffer
-	nw, err := nar.NewWriter(&narBuf)
-	if err != nil {
-		t.Fatal(err)
-	}
-	if err := nw.WriteHeader(&nar.Header{Path: "/", Type: nar.TypeRegular, Size: int64(len(content)), Executable: true}); err != nil {
-		t.Fatal(err)
-	}
-	if _, err := nw.Write(content); err != nil {
-		t.Fatal(err)
-	}
-	if err := nw.Close(); err != nil {
-		t.Fatal(err)
-	}
+	narBytes := fileNar(t, []byte(strings.Repeat("contents of "+name+"\n", 50)), true)
 	var zst bytes.Buffer
 	enc, _ := zstd.NewWriter(&zst)
-	enc.Write(narBuf.Bytes())
+	enc.Write(narBytes)
 	enc.Close()
 	fh := sha256.Sum256(zst.Bytes())
-	nh := sha256.Sum256(narBuf.Bytes())
-	narSize, narHash := narBuf.Len(), nh[:]
+	nh := sha256.Sum256(narBytes)
+	narSize, narHash := len(narBytes), nh[:]
 	if mutate != nil {
 		mutate(&narSize, &narHash)
 	}
 	p := storePathFor(name)
 	ni := fmt.Sprintf("StorePath: %s\nURL: nar/%s.nar.zst\nCompression: zstd\nFileHash: sha256:%s\nFileSize: %d\nNarHash: sha256:%s\nNarSize: %d\nReferences: \n",
 		p, nixbase32.EncodeToString(fh[:]), nixbase32.EncodeToString(fh[:]), zst.Len(), nixbase32.EncodeToString(narHash), narSize)
-	return testNar{path: p, nar: narBuf.Bytes(), zst: zst.Bytes(), blob: hex.EncodeToString(fh[:]), narinfo: ni}
+	return testNar{path: p, nar: narBytes, zst: zst.Bytes(), blob: hex.EncodeToString(fh[:]), narinfo: ni}
 }
 
 func (n testNar) narURL(addr string) string {

@@ -39,6 +39,14 @@ func testConfig(dir string) Config {
 	}
 }
 
+// withDefaultRaftTimeouts gives a cluster the Raft timeouts a deployment
+// has (hashicorp/raft's defaults) instead of the tests' short ones, under
+// which a loaded 2-core machine (benchmarks, or large uploads under the
+// race detector) loses its leader.
+func withDefaultRaftTimeouts(_ int, cfg *Config) {
+	cfg.HeartbeatTimeout, cfg.ElectionTimeout, cfg.LeaderLeaseTimeout, cfg.CommitTimeout = 0, 0, 0, 0
+}
+
 // startCluster starts n nodes (the first bootstraps, the rest join it) and
 // waits until all are voters and ready.
 // Options adjust each node's config.

@@ -234,10 +234,10 @@ func (f *uploadFanout) finish(err error) {
 	}
 }
 
-// wait returns what the check found, once the blob (stored here as blob,
-// size bytes) is also on a quorum: streamed copies first, then the usual
-// push for whatever they did not cover.
-func (f *uploadFanout) wait(ctx context.Context, blob string, size int64) (cache.NarSummary, error) {
+// wait returns what the check found, once the blob complete named is
+// also on a quorum: streamed copies first, then the usual push for
+// whatever they did not cover.
+func (f *uploadFanout) wait(ctx context.Context) (cache.NarSummary, error) {
 	var res checkResult
 	select {
 	case res = <-f.checked:
@@ -252,7 +252,7 @@ func (f *uploadFanout) wait(ctx context.Context, blob string, size int64) (cache
 		select {
 		case r := <-f.results:
 			if r.err != nil {
-				f.c.log.Warn("upload: streamed copy to peer failed", "lease", f.lease, "peer", r.peer.id, "blob", blob, "err", r.err)
+				f.c.log.Warn("upload: streamed copy to peer failed", "lease", f.lease, "peer", r.peer.id, "blob", f.blob, "err", r.err)
 			} else {
 				ok++
 			}
@@ -262,7 +262,7 @@ func (f *uploadFanout) wait(ctx context.Context, blob string, size int64) (cache
 	}
 	if ok < f.need || f.unknown {
 		// Every streamed copy has ended (none can race the push).
-		if err := f.c.ReplicateBlob(ctx, blob, size); err != nil {
+		if err := f.c.ReplicateBlob(ctx, f.blob, f.size); err != nil {
 			return cache.NarSummary{}, err
 		}
 	}
@@ -292,18 +292,6 @@ func (c *crcReader) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// crcWriter adds what is written through it to a CRC-32C.
-type crcWriter struct {
-	w   io.Writer
-	crc *uint32
-}
-
-func (c crcWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	*c.crc = crc32.Update(*c.crc, castagnoli, p[:n])
-	return n, err
-}
-
 func (c *crcReader) sum() string { return fmt.Sprintf("%08x", c.crc) }
 
 // trailedBody reads a streamed copy's body, and at its end (before
@@ -322,8 +310,8 @@ func (b *trailedBody) Read(p []byte) (int, error) {
 	return n, err
 }
 
-// WriteTo copies the body to w, with its reader's WriteTo if it has one
-// (a chunkSink's), and sets the trailers at its end.
+// WriteTo copies the body to w with its reader's WriteTo (a chunkSink's:
+// whole chunks), adding them to the CRC, and sets the trailers at its end.
 func (b *trailedBody) WriteTo(w io.Writer) (int64, error) {
 	n, err := io.Copy(crcWriter{w: w, crc: &b.crc}, b.r)
 	if err == nil {
@@ -335,6 +323,18 @@ func (b *trailedBody) WriteTo(w io.Writer) (int64, error) {
 func (b *trailedBody) setTrailers() {
 	b.trailer.Set(blobNameTrailer, b.name())
 	b.trailer.Set(blobCRCTrailer, b.sum())
+}
+
+// crcWriter adds what is written through it to a CRC-32C.
+type crcWriter struct {
+	w   io.Writer
+	crc *uint32
+}
+
+func (c crcWriter) Write(p []byte) (int, error) {
+	n, err := c.w.Write(p)
+	*c.crc = crc32.Update(*c.crc, castagnoli, p[:n])
+	return n, err
 }
 
 // copyStreamToPeer sends body to a peer as a blob whose name, which name

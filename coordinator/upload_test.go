@@ -21,7 +21,6 @@ import (
 	"connectrpc.com/connect"
 	"github.com/google/go-cmp/cmp"
 	"github.com/klauspost/compress/zstd"
-	"github.com/nix-community/go-nix/pkg/nar"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 	"github.com/prometheus/client_golang/prometheus/testutil"
 
@@ -161,7 +160,10 @@ func TestStreamedUpload(t *testing.T) {
 // names a blob a quorum holds when the call returns, and with one peer
 // down the other makes the quorum.
 func TestStreamedUploadCopiesWhileArriving(t *testing.T) {
-	tc := startCluster(t, 3, withCacheKey(t), withAgents)
+	// Several MiB through three nodes: with the tests' short Raft
+	// timeouts the race detector's slowdown could depose the leader
+	// mid-upload, which is not what this test is about.
+	tc := startCluster(t, 3, withCacheKey(t), withAgents, withDefaultRaftTimeouts)
 	li, l := tc.leader(10 * time.Second)
 	outs := []string{storePathFor("big-1"), storePathFor("big-2")}
 	for i, out := range outs {
@@ -185,19 +187,7 @@ func TestStreamedUploadCopiesWhileArriving(t *testing.T) {
 	for i := range content {
 		content[i] = byte(rng.Uint32())
 	}
-	narOf := func(content []byte) []byte {
-		var b bytes.Buffer
-		nw, _ := nar.NewWriter(&b)
-		if err := nw.WriteHeader(&nar.Header{Path: "/", Type: nar.TypeRegular, Size: int64(len(content))}); err != nil {
-			t.Fatal(err)
-		}
-		nw.Write(content)
-		if err := nw.Close(); err != nil {
-			t.Fatal(err)
-		}
-		return b.Bytes()
-	}
-	first := narOf(content)
+	first := fileNar(t, content, false)
 	var zst bytes.Buffer
 	enc, _ := zstd.NewWriter(&zst)
 	enc.Write(first)
@@ -268,7 +258,7 @@ func TestStreamedUploadCopiesWhileArriving(t *testing.T) {
 	down := (li + 1) % 3
 	tc.stop(down)
 	content[0] ^= 1
-	second := narOf(content)
+	second := fileNar(t, content, false)
 	sh := sha256.Sum256(second)
 	if _, err := agent.StreamNar(context.Background(), a.client, a.cred, &kilnv1.NarHeader{LeaseId: leaseOf[outs[1]], StorePath: outs[1]},
 		"sha256:"+nixbase32.EncodeToString(sh[:]), uint64(len(second)), func(w io.Writer) error { _, err := w.Write(second); return err }); err != nil {

@@ -117,14 +117,7 @@ func BenchmarkState1M(b *testing.B) {
 		info, _ := os.Stat(path)
 
 		start = time.Now()
-		in, err := os.Open(path)
-		if err != nil {
-			b.Fatal(err)
-		}
-		g := New(nil)
-		if err := g.Restore(in); err != nil {
-			b.Fatal(err)
-		}
+		g := restoreFile(b, path)
 		restoreTime := time.Since(start)
 		// The restored copy alone: what a node that caught up from a
 		// snapshot holds.
@@ -170,20 +163,27 @@ func TestRestoreChild(t *testing.T) {
 	if path == "" {
 		t.Skip("run by BenchmarkState1M")
 	}
-	in, err := os.Open(path)
-	if err != nil {
-		t.Fatal(err)
-	}
-	g := New(nil)
-	if err := g.Restore(in); err != nil {
-		t.Fatal(err)
-	}
+	g := restoreFile(t, path)
 	runtime.GC()
 	if got, _ := g.Read().Step(drv("leaf-9999-98")); got == nil {
 		t.Fatal("restored state lacks a step")
 	}
 	fmt.Printf("restored: rss %.0f MiB, peak %.0f MiB\n", procStatusKiB("VmRSS")/1024, procStatusKiB("VmHWM")/1024)
 	runtime.KeepAlive(g)
+}
+
+// restoreFile is a fresh FSM restored from the snapshot file at path.
+func restoreFile(tb testing.TB, path string) *FSM {
+	tb.Helper()
+	in, err := os.Open(path)
+	if err != nil {
+		tb.Fatal(err)
+	}
+	g := New(nil)
+	if err := g.Restore(in); err != nil {
+		tb.Fatal(err)
+	}
+	return g
 }
 
 type fileSink struct{ *os.File }
