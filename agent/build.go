@@ -291,56 +291,22 @@ func NarEncoderOptions() []zstd.EOption {
 }
 
 // compressNar runs dump (which writes a NAR) through zstd to w, returning
-// the NAR's size. w is written by its own goroutine, so the encoder goes
-// on compressing while a chunk is sent.
+// the NAR's size. The NAR is compressed as independent frames, several at
+// once, and written to w from another goroutine (frameWriter).
 func compressNar(dump func(io.Writer) error, w *chunkSender) (uint64, error) {
-	out := newAsyncWriter(w, 8)
-	defer out.Close()
-	enc, err := zstd.NewWriter(out, append(NarEncoderOptions(), zstd.WithEncoderConcurrency(2))...)
+	enc, err := newFrameWriter(w, frameWorkers(), NarEncoderOptions()...)
 	if err != nil {
 		return 0, err
 	}
 	cnt := &counter{}
 	err = dump(io.MultiWriter(enc, cnt))
-	if cerr := enc.Close(); err == nil {
-		err = cerr
-	}
+	enc.Close()
 	return cnt.n, err
 }
 
 type counter struct{ n uint64 }
 
 func (c *counter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return len(p), nil }
-
-// asyncWriter writes to a chunkSender, in its own goroutine, copies of
-// what is written to it (a chunkSender never fails a write: it keeps its
-// error). Close waits for the writes.
-type asyncWriter struct {
-	ch   chan []byte
-	done chan struct{}
-}
-
-func newAsyncWriter(w *chunkSender, depth int) *asyncWriter {
-	a := &asyncWriter{ch: make(chan []byte, depth), done: make(chan struct{})}
-	go func() {
-		defer close(a.done)
-		for b := range a.ch {
-			w.Write(b)
-		}
-	}()
-	return a
-}
-
-func (a *asyncWriter) Write(p []byte) (int, error) {
-	a.ch <- bytes.Clone(p)
-	return len(p), nil
-}
-
-// Close waits for the queued writes.
-func (a *asyncWriter) Close() {
-	close(a.ch)
-	<-a.done
-}
 
 // chunkSender sends what is written to it as UploadNar chunks of 1 MiB,
 // counting the bytes. After a failed send it drops what follows and keeps

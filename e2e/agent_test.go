@@ -34,7 +34,7 @@ in rec {
   c1 = mk "chain-1" [ ] "";
   c2 = mk "chain-2" [ c1 ] "";
   c3 = mk "chain-3" [ c2 ] "";
-  big = mkWith { requiredSystemFeatures = [ "big" ]; } "needs-big" [ ] "echo a big build;";
+  big = mkWith { requiredSystemFeatures = [ "big" ]; } "needs-big" [ ] "echo a big build; mkdir -p $out; head -c 9437184 /dev/urandom > $out/big;";
   fail = mk "fails" [ ] "echo about to fail; exit 1;";
   afterFail = mk "after-fail" [ fail ] "";
 }`
@@ -84,8 +84,9 @@ type buildView struct {
 // chroot stores build a diamond, a chain, a derivation needing a feature
 // only agent B has, and a failing derivation with a dependent, submitted
 // through a follower. Outputs land in the cache and substitute with
-// signatures required; the failure is status 1 and its dependent 2; every
-// step's log equals what Nix recorded.
+// signatures required (the big one's NAR is over twice agent.FrameSize,
+// so its agent sent it as three zstd frames); the failure is status 1 and
+// its dependent 2; every step's log equals what Nix recorded.
 // farm is a three-coordinator cluster with a cache key and an agent join
 // token, plus what is needed to start agents and push derivations.
 type farm struct {

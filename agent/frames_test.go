@@ -1,0 +1,199 @@
+package agent
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"io"
+	"math/rand/v2"
+	"os"
+	"path/filepath"
+	"runtime"
+	"testing"
+	"time"
+
+	"github.com/klauspost/compress/zstd"
+	"github.com/nix-community/go-nix/pkg/nar"
+)
+
+// frameCount counts the zstd frames of a stream (anything else in it,
+// skippable frames too, fails the test).
+func frameCount(t *testing.T, b []byte) int {
+	t.Helper()
+	n := 0
+	for len(b) > 0 {
+		size, err := frameLen(b)
+		if err != nil {
+			t.Fatalf("frame %d: %v", n, err)
+		}
+		b = b[size:]
+		n++
+	}
+	return n
+}
+
+// frameLen walks one zstd frame's blocks and returns its length.
+func frameLen(b []byte) (int, error) {
+	if len(b) < 6 || binary.LittleEndian.Uint32(b) != 0xFD2FB528 {
+		return 0, fmt.Errorf("no zstd magic")
+	}
+	fhd := b[4]
+	dictIDSize := [4]int{0, 1, 2, 4}[fhd&3]
+	single := fhd>>5&1 == 1
+	fcsSize := [4]int{0, 2, 4, 8}[fhd>>6]
+	if fcsSize == 0 && single {
+		fcsSize = 1
+	}
+	off := 5 + dictIDSize + fcsSize
+	if !single {
+		off++ // window descriptor
+	}
+	for {
+		if off+3 > len(b) {
+			return 0, io.ErrUnexpectedEOF
+		}
+		bh := uint32(b[off]) | uint32(b[off+1])<<8 | uint32(b[off+2])<<16
+		last, typ, size := bh&1 == 1, bh>>1&3, int(bh>>3)
+		if typ == 1 { // RLE: one byte
+			size = 1
+		}
+		off += 3 + size
+		if last {
+			break
+		}
+	}
+	if fhd>>2&1 == 1 {
+		off += 4 // content checksum
+	}
+	if off > len(b) {
+		return 0, io.ErrUnexpectedEOF
+	}
+	return off, nil
+}
+
+func TestFrameWriter(t *testing.T) {
+	rng := rand.New(rand.NewPCG(3, 4))
+	random := make([]byte, 3*FrameSize+12345)
+	for i := range random {
+		random[i] = byte(rng.Uint32())
+	}
+	for _, tc := range []struct {
+		name    string
+		size    int
+		writes  int // the input in this many writes
+		workers int
+		frames  int
+	}{
+		{"empty", 0, 1, 2, 1},
+		{"one byte", 1, 1, 2, 1},
+		{"under one frame", FrameSize - 1, 3, 2, 1},
+		{"one frame exactly", FrameSize, 1, 2, 1},
+		{"one frame and a byte", FrameSize + 1, 7, 2, 2},
+		{"three frames and a bit, one worker", len(random), 1, 1, 4},
+		{"three frames and a bit, byte by byte chunks", len(random), 1000, 4, 4},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			in := random[:tc.size]
+			var out bytes.Buffer
+			fw, err := newFrameWriter(&out, tc.workers, NarEncoderOptions()...)
+			if err != nil {
+				t.Fatal(err)
+			}
+			step := max(1, (len(in)+tc.writes-1)/tc.writes)
+			for p := in; len(p) > 0; {
+				k := min(step, len(p))
+				buf := bytes.Clone(p[:k])
+				if n, err := fw.Write(buf); n != k || err != nil {
+					t.Fatalf("Write: %d, %v", n, err)
+				}
+				clear(buf) // the writer must not keep what it was given
+				p = p[k:]
+			}
+			fw.Close()
+			if got := frameCount(t, out.Bytes()); got != tc.frames {
+				t.Errorf("%d frames, want %d", got, tc.frames)
+			}
+			dec, err := zstd.NewReader(bytes.NewReader(out.Bytes()))
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer dec.Close()
+			got, err := io.ReadAll(dec)
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !bytes.Equal(got, in) {
+				t.Errorf("decompressed %d bytes, not the %d written", len(got), len(in))
+			}
+		})
+	}
+}
+
+// BenchmarkCompressNar compresses a NAR of Go's tools (binaries) and of
+// its standard library's sources (text) the way agents did before
+// (klauspost's streaming encoder, which encodes one block at a time) and
+// as independent frames (frameWriter, frameWorkers at once), and reports
+// each one's MB/s, compressed size, and the ratios of the two.
+func BenchmarkCompressNar(b *testing.B) {
+	root := runtime.GOROOT()
+	for _, tc := range []struct{ name, dir string }{
+		{"binaries", filepath.Join(root, "pkg", "tool")},
+		{"sources", filepath.Join(root, "src")},
+	} {
+		b.Run(tc.name, func(b *testing.B) {
+			if _, err := os.Stat(tc.dir); err != nil {
+				b.Skip(err)
+			}
+			var n bytes.Buffer
+			if err := nar.DumpPath(&n, tc.dir); err != nil {
+				b.Fatal(err)
+			}
+			in := n.Bytes()
+			stream := func(w io.Writer) {
+				enc, err := zstd.NewWriter(w, append(NarEncoderOptions(), zstd.WithEncoderConcurrency(2))...)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := enc.Write(in); err != nil {
+					b.Fatal(err)
+				}
+				if err := enc.Close(); err != nil {
+					b.Fatal(err)
+				}
+			}
+			frames := func(w io.Writer) {
+				fw, err := newFrameWriter(w, frameWorkers(), NarEncoderOptions()...)
+				if err != nil {
+					b.Fatal(err)
+				}
+				if _, err := fw.Write(in); err != nil {
+					b.Fatal(err)
+				}
+				fw.Close()
+			}
+			// Alternate the two; keep each one's best time.
+			var best [2]time.Duration
+			var size [2]int
+			for b.Loop() {
+				for i, f := range []func(io.Writer){stream, frames} {
+					var out bytes.Buffer
+					out.Grow(len(in))
+					t0 := time.Now()
+					f(&out)
+					if d := time.Since(t0); best[i] == 0 || d < best[i] {
+						best[i] = d
+					}
+					size[i] = out.Len()
+				}
+			}
+			mbps := func(d time.Duration) float64 { return float64(len(in)) / (1 << 20) / d.Seconds() }
+			b.ReportMetric(float64(len(in))/(1<<20), "nar-MiB")
+			b.ReportMetric(mbps(best[0]), "stream-MB/s")
+			b.ReportMetric(mbps(best[1]), "frames-MB/s")
+			b.ReportMetric(mbps(best[1])/mbps(best[0]), "speed-ratio")
+			b.ReportMetric(float64(size[0])/(1<<20), "stream-MiB")
+			b.ReportMetric(float64(size[1])/(1<<20), "frames-MiB")
+			b.ReportMetric(float64(size[1])/float64(size[0]), "size-ratio")
+		})
+	}
+}
