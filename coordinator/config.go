@@ -8,6 +8,9 @@ import (
 	"time"
 )
 
+// DefaultGroupCommitWait is Config.GroupCommitWait's default.
+const DefaultGroupCommitWait = 300 * time.Microsecond
+
 // Config configures one coordinator.
 type Config struct {
 	// NodeID names this node in the Raft configuration. Empty: the ID kept
@@ -44,6 +47,10 @@ type Config struct {
 	TrailingLogs uint64
 	// ApplyTimeout bounds how long a write waits to be committed (default 10s).
 	ApplyTimeout time.Duration
+	// GroupCommitWait is how long the leader's next Raft entry waits for
+	// the writers the last one answered, when it was shared (default
+	// 300µs; negative: never waits). See proposer.
+	GroupCommitWait time.Duration
 
 	// CacheKeyFile is the binary cache's secret signing key (kiln keygen);
 	// without one the cache serves but accepts no uploads.
@@ -142,6 +149,9 @@ func (c *Config) setDefaults() error {
 	}
 	if c.ApplyTimeout <= 0 {
 		c.ApplyTimeout = 10 * time.Second
+	}
+	if c.GroupCommitWait == 0 {
+		c.GroupCommitWait = DefaultGroupCommitWait
 	}
 	if c.MaxNarSize <= 0 {
 		c.MaxNarSize = cache.DefaultMaxNarSize

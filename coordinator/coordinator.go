@@ -135,7 +135,7 @@ func (c *Coordinator) Start() error {
 		return err
 	}
 	c.parts, c.raft = parts, parts.raft
-	c.prop = newProposer(c.raft, c.cfg.ApplyTimeout)
+	c.prop = newProposer(c.raft, c.cfg.ApplyTimeout, max(c.cfg.GroupCommitWait, 0))
 	c.prop.observe = c.metrics.commitDuration.Observe
 
 	ctx, cancel := context.WithCancel(context.Background())

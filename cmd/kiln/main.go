@@ -71,6 +71,7 @@ func (f *coordinatorFlags) register(cmd *cobra.Command, httpDefault, raftDefault
 	fl.StringVar(&f.memoryLimit, "memory-limit", "auto", "soft memory limit for the Go runtime: a size (900MiB, 2GiB), none, or auto (90% of the cgroup's limit, if any, unless GOMEMLIMIT is set)")
 	fl.DurationVar(&f.raftHeartbeat, "raft-heartbeat-timeout", 0, "Raft heartbeat timeout (0: raft's default)")
 	fl.DurationVar(&f.raftElection, "raft-election-timeout", 0, "Raft election timeout (0: raft's default)")
+	fl.DurationVar(&f.cfg.GroupCommitWait, "group-commit-wait", coordinator.DefaultGroupCommitWait, "after a Raft entry shared by several writes, how long the next waits for those writers to write again (0: never waits)")
 	fl.StringVar(&f.cfg.CacheKeyFile, "cache-key-file", "", "the binary cache's secret signing key (kiln keygen); must not be readable by group or others")
 	fl.Int64Var(&f.cfg.MaxNarSize, "max-nar-size", 8<<30, "largest NAR accepted, compressed or not")
 	fl.DurationVar(&f.cfg.CacheScrubInterval, "cache-scrub-interval", 24*time.Hour, "how often every blob is re-hashed and repaired from peers (0: never)")
@@ -142,6 +143,12 @@ func (f *coordinatorFlags) finish() error {
 	}
 	f.cfg.HeartbeatTimeout = f.raftHeartbeat
 	f.cfg.ElectionTimeout = f.raftElection
+	switch {
+	case f.cfg.GroupCommitWait < 0:
+		return errors.New("--group-commit-wait must not be negative")
+	case f.cfg.GroupCommitWait == 0:
+		f.cfg.GroupCommitWait = -1 // the flag's 0 means none; the config's, the default
+	}
 	if f.raftHeartbeat > 0 && f.raftHeartbeat < 1000*time.Millisecond {
 		f.cfg.LeaderLeaseTimeout = f.raftHeartbeat / 2
 	}
