@@ -310,7 +310,7 @@ func (c *counter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return l
 
 // chunkSender sends what is written to it as UploadNar chunks of 1 MiB,
 // counting the bytes. After a failed send it drops what follows and keeps
-// the error.
+// the error (Err).
 type chunkSender struct {
 	stream *connect.ClientStreamForClient[kilnv1.UploadNarRequest, kilnv1.UploadNarResponse]
 	buf    []byte
@@ -331,6 +331,9 @@ func (s *chunkSender) Write(p []byte) (int, error) {
 	}
 	return n, nil
 }
+
+// Err is the failed send's error, or nil.
+func (s *chunkSender) Err() error { return s.err }
 
 func (s *chunkSender) flush() {
 	if len(s.buf) > 0 && s.err == nil {
@@ -355,6 +358,15 @@ func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credenti
 	s := &chunkSender{stream: stream, buf: make([]byte, 0, 1<<20)}
 	s.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}})
 	n, err := compressNar(dump, s)
+	if s.err != nil {
+		// The coordinator ended the upload, or the connection broke;
+		// the dump was stopped. Its answer says why.
+		_, cerr := stream.CloseAndReceive()
+		if cerr == nil {
+			cerr = s.err
+		}
+		return nil, cerr
+	}
 	if err == nil && n != narSize {
 		err = fmt.Errorf("the NAR is %d bytes, but the store registered %d", n, narSize)
 	}

@@ -1,9 +1,11 @@
 package agent
 
 import (
+	"errors"
 	"io"
 	"runtime"
 	"sync"
+	"sync/atomic"
 
 	"github.com/klauspost/compress/zstd"
 )
@@ -21,10 +23,14 @@ const FrameSize = 4 << 20
 // to w in order from its own goroutine. At most workers frames are
 // queued or being compressed, besides the one filling and the one being
 // written; Write blocks beyond that (so an upload holds at most
-// 2×(workers+2) FrameSize buffers). w never fails a write (a chunkSender
-// keeps its error).
+// 2×(workers+2) FrameSize buffers). w never fails a write: a chunkSender
+// keeps its error and reports it with Err. Once it does, frames still
+// queued are neither compressed nor written, and Write fails with
+// errSinkFailed, so the dump feeding the writer stops.
 type frameWriter struct {
 	w       io.Writer
+	sinkErr func() error // w's Err, when it has one
+	failed  atomic.Bool  // sinkErr reported an error
 	filling []byte
 	jobs    chan *frameJob // to the workers
 	order   chan *frameJob // to the writer, in input order
@@ -61,12 +67,18 @@ func newFrameWriter(w io.Writer, workers int, opts ...zstd.EOption) (*frameWrite
 		}
 		encs[i] = enc
 	}
+	if e, ok := w.(interface{ Err() error }); ok {
+		f.sinkErr = e.Err
+		f.failed.Store(e.Err() != nil)
+	}
 	for _, enc := range encs {
 		f.workers.Add(1)
 		go func() {
 			defer f.workers.Done()
 			for j := range f.jobs {
-				j.out = enc.EncodeAll(j.src, f.buffer(len(j.src)/2))
+				if !f.failed.Load() {
+					j.out = enc.EncodeAll(j.src, f.buffer(len(j.src)/2))
+				}
 				close(j.done)
 			}
 		}()
@@ -75,13 +87,24 @@ func newFrameWriter(w io.Writer, workers int, opts ...zstd.EOption) (*frameWrite
 		defer close(f.writer)
 		for j := range f.order {
 			<-j.done
-			_, _ = f.w.Write(j.out)
+			if !f.failed.Load() {
+				_, _ = f.w.Write(j.out)
+				if f.sinkErr != nil && f.sinkErr() != nil {
+					f.failed.Store(true)
+				}
+			}
 			f.recycle(j.src)
-			f.recycle(j.out)
+			if j.out != nil {
+				f.recycle(j.out)
+			}
 		}
 	}()
 	return f, nil
 }
+
+// errSinkFailed is what Write returns once the frames' destination has
+// failed.
+var errSinkFailed = errors.New("the compressed stream's destination failed")
 
 // buffer is a spent buffer, or a new one with room for n bytes.
 func (f *frameWriter) buffer(n int) []byte {
@@ -101,6 +124,9 @@ func (f *frameWriter) recycle(b []byte) {
 }
 
 func (f *frameWriter) Write(p []byte) (int, error) {
+	if f.failed.Load() {
+		return 0, errSinkFailed
+	}
 	n := len(p)
 	for len(p) > 0 {
 		if f.filling == nil {

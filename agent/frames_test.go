@@ -3,6 +3,7 @@ package agent
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"io"
 	"math/rand/v2"
 	"os"
@@ -182,5 +183,53 @@ func BenchmarkCompressNar(b *testing.B) {
 			b.ReportMetric(float64(size[1])/(1<<20), "frames-MiB")
 			b.ReportMetric(float64(size[1])/float64(size[0]), "size-ratio")
 		})
+	}
+}
+
+// failingSink fails (keeps an error, as a chunkSender does) from its
+// failAt-th write on, and counts the writes it gets.
+type failingSink struct {
+	failAt, writes int
+	err            error
+}
+
+func (s *failingSink) Write(p []byte) (int, error) {
+	s.writes++
+	if s.writes >= s.failAt {
+		s.err = errors.New("sent nothing")
+	}
+	return len(p), nil
+}
+
+func (s *failingSink) Err() error { return s.err }
+
+// TestFrameWriterStopsWhenSinkFails: once its destination fails, the
+// writer writes nothing more and its Write fails within the frames
+// already queued, so the dump feeding it stops.
+func TestFrameWriterStopsWhenSinkFails(t *testing.T) {
+	const workers, frames = 2, 16
+	sink := &failingSink{failAt: 2}
+	fw, err := newFrameWriter(sink, workers, NarEncoderOptions()...)
+	if err != nil {
+		t.Fatal(err)
+	}
+	piece := make([]byte, FrameSize)
+	accepted := 0
+	for ; accepted < frames; accepted++ {
+		if _, err := fw.Write(piece); err != nil {
+			if !errors.Is(err, errSinkFailed) {
+				t.Fatalf("Write: %v, want errSinkFailed", err)
+			}
+			break
+		}
+	}
+	fw.Close()
+	// The failing frame, the frames queued behind it, the one being
+	// handed to the writer and the one filling: at most workers+3 more.
+	if accepted == frames || accepted > sink.failAt+workers+3 {
+		t.Fatalf("%d of %d frames accepted after the sink failed at frame %d", accepted, frames, sink.failAt)
+	}
+	if sink.writes != sink.failAt {
+		t.Fatalf("the sink got %d writes, want %d (none after it failed)", sink.writes, sink.failAt)
 	}
 }

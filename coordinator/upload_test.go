@@ -115,6 +115,35 @@ func TestStreamedUpload(t *testing.T) {
 		})
 	}
 
+	// Refused at its header (a lease the agent does not hold), the
+	// agent's upload fails, not as a failed dump (which it would not
+	// retry elsewhere), and its dump is stopped instead of compressed to
+	// the end. Over HTTP/1.1 the agent may see the connection reset
+	// rather than the coordinator's FailedPrecondition: the coordinator
+	// closes a connection whose request it did not read to the end.
+	t.Run("refused mid-dump", func(t *testing.T) {
+		rng := rand.NewChaCha8([32]byte{1})
+		piece := make([]byte, 1<<20) // random: it compresses to as much
+		const pieces = 256
+		written := 0
+		_, err := agent.StreamNar(context.Background(), a.client, a.cred, &kilnv1.NarHeader{LeaseId: lease + 1000, StorePath: out},
+			good.NarHash, pieces<<20, func(w io.Writer) error {
+				for ; written < pieces; written++ {
+					_, _ = rng.Read(piece)
+					if _, err := w.Write(piece); err != nil {
+						return err
+					}
+				}
+				return nil
+			})
+		if err == nil || errors.Is(err, agent.ErrDump) {
+			t.Fatalf("StreamNar under another lease: %v, want the upload's failure", err)
+		}
+		if written == pieces {
+			t.Fatalf("the dump wrote all %d MiB after the upload was refused", pieces)
+		}
+	})
+
 	// The agent's own streaming upload: the store's NarHash and NarSize
 	// in the trailer, no FileHash.
 	if _, err := agent.StreamNar(context.Background(), a.client, a.cred, &kilnv1.NarHeader{LeaseId: lease, StorePath: out},
