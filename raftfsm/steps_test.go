@@ -285,3 +285,44 @@ func TestStepRecRoundTrip(t *testing.T) {
 		t.Error("changing a clone changed the stored record")
 	}
 }
+
+// TestDrvOrder: ordering by (drvKey, path), as byDrv does, is ordering by
+// path for store paths, whatever the first eight characters share; other
+// strings still get one total order.
+func TestDrvOrder(t *testing.T) {
+	paths := []string{
+		StoreDir + "/00000000000000000000000000000000-a.drv",
+		StoreDir + "/00000000000000000000000000000000-b.drv",
+		StoreDir + "/0000000010000000000000000000000-a.drv",
+		StoreDir + "/0000000-short",
+		StoreDir + "/0000000",
+		StoreDir + "/00000000",
+		StoreDir + "/",
+		StoreDir + "/zzzzzzzzzzzzzzzzzzzzzzzzzzzzzzzz-z.drv",
+		StoreDir + "/7zzzzzzz00000000000000000000000-x.drv",
+		StoreDir + "/80000000000000000000000000000000-x.drv",
+	}
+	for i := range 200 {
+		paths = append(paths, storePath(fmt.Sprintf("p%d.drv", i)))
+	}
+	byPath := slices.Clone(paths)
+	slices.Sort(byPath)
+	byKey := slices.Clone(paths)
+	slices.SortFunc(byKey, func(a, b string) int {
+		if drvLess(drvKey(a), drvKey(b), a, b) {
+			return -1
+		}
+		if drvLess(drvKey(b), drvKey(a), b, a) {
+			return 1
+		}
+		return 0
+	})
+	if diff := cmp.Diff(byPath, byKey); diff != "" {
+		t.Fatalf("(drvKey, path) order differs from path order (-path +key):\n%s", diff)
+	}
+	for _, s := range []string{"", "x", "/nix/stor", "/other/path"} {
+		if drvKey(s) != 0 {
+			t.Errorf("drvKey(%q) = %d, want 0", s, drvKey(s))
+		}
+	}
+}

@@ -16,6 +16,10 @@ type work struct {
 	c      *applyCtx
 	steps  map[string]*pb.Step
 	builds map[uint64]*pb.Build
+	// absent holds derivations looked up and not stored: a submission
+	// asks about each new one several times (closure, queue, inputs).
+	// Steps are only added through steps, which is checked first.
+	absent map[string]bool
 }
 
 func newWork(c *applyCtx) *work {
@@ -27,8 +31,15 @@ func (w *work) step(drv string) (*pb.Step, error) {
 	if s, ok := w.steps[drv]; ok {
 		return s, nil
 	}
+	if w.absent[drv] {
+		return nil, nil
+	}
 	o := readSteps(w.c.txn).get(drv)
 	if o == nil {
+		if w.absent == nil {
+			w.absent = map[string]bool{}
+		}
+		w.absent[drv] = true
 		return nil, nil
 	}
 	s := o.step(true)
