@@ -21,11 +21,11 @@ import (
 // When the entry just committed was shared, the writers it answered are
 // likely to write again at once (a submitter's next build, an agent's next
 // poll); the next entry then waits up to gather until as many proposals
-// made since that answer have joined it as the entry answered. With 64 writers the entries otherwise settle
-// into two alternating halves, each writer missing every other entry
-// (BenchmarkSubmitVsRawRaft: 32.5 submissions per entry without the wait,
-// about 51 with 300 µs). A lone writer's entries are never shared, so it
-// never waits.
+// made since that answer have joined it as the entry answered. Otherwise
+// 64 writers settle into two alternating halves, each writer missing
+// every other entry (BenchmarkSubmitVsRawRaft: 32.5 submissions per entry
+// without the wait, about 51 with 300 µs). A lone writer's entries are
+// never shared, so it never waits.
 type proposer struct {
 	r        *raft.Raft
 	timeout  time.Duration
@@ -227,10 +227,11 @@ func (p *proposer) waitLoop(ctx context.Context) {
 			}
 			return
 		}
-		<-p.inflight
-		// Before the answers: a writer answered below and writing again
-		// is counted as having come since.
+		// Before the slot is freed and the answers sent: the next entry
+		// counts a writer answered below and writing again as having
+		// come since.
 		p.answers.Add(1)
+		<-p.inflight
 		if err == nil && p.observe != nil {
 			p.observe(time.Since(pe.start).Seconds())
 		}
