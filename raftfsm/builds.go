@@ -21,22 +21,15 @@ import (
 // applying one.
 type buildTable struct {
 	tableRow
-	byID    *btree.BTreeG[*pb.Build]    // by id
-	byState *btree.BTreeG[*pb.Build]    // by (state, id)
-	byJob   *btree.BTreeG[*pb.Build]    // by (project, jobset, job, id)
-	byDrv   *btree.BTreeG[buildDrvItem] // by (top-level derivation, id), drvKey first
+	byID    *btree.BTreeG[*pb.Build] // by id
+	byState *btree.BTreeG[*pb.Build] // by (state, id)
+	byJob   *btree.BTreeG[*pb.Build] // by (project, jobset, job, id)
+	byDrv   *btree.BTreeG[*pb.Build] // by (top-level derivation, id)
 	// versions identify the contents of a range of builds (all of them,
 	// one state, one project): a write replaces the token of every range
 	// it changes, so a count remembered under a token is exact.
 	versions map[string]*rangeVersion
 	fresh    map[string]bool // ranges whose token the owner replaced
-}
-
-// buildDrvItem is a byDrv entry: a build and drvKey of its derivation
-// (see drvItem).
-type buildDrvItem struct {
-	key uint64
-	b   *pb.Build
 }
 
 // rangeVersion is compared by identity only (not zero-sized: distinct
@@ -46,12 +39,10 @@ type rangeVersion struct{ _ byte }
 func newBuildTable() *buildTable {
 	opts := btree.Options{Degree: treeDegree, NoLocks: true}
 	return &buildTable{
-		byID:    btree.NewBTreeGOptions(func(a, b *pb.Build) bool { return a.Id < b.Id }, opts),
-		byState: btree.NewBTreeGOptions(func(a, b *pb.Build) bool { return a.State < b.State || a.State == b.State && a.Id < b.Id }, opts),
-		byJob:   btree.NewBTreeGOptions(func(a, b *pb.Build) bool { return jobCmp(a, b) < 0 }, opts),
-		byDrv: btree.NewBTreeGOptions(func(a, b buildDrvItem) bool {
-			return drvLess(a.key, b.key, a.b.DrvPath, b.b.DrvPath) || a.key == b.key && a.b.DrvPath == b.b.DrvPath && a.b.Id < b.b.Id
-		}, opts),
+		byID:     btree.NewBTreeGOptions(func(a, b *pb.Build) bool { return a.Id < b.Id }, opts),
+		byState:  btree.NewBTreeGOptions(func(a, b *pb.Build) bool { return a.State < b.State || a.State == b.State && a.Id < b.Id }, opts),
+		byJob:    btree.NewBTreeGOptions(func(a, b *pb.Build) bool { return jobCmp(a, b) < 0 }, opts),
+		byDrv:    btree.NewBTreeGOptions(func(a, b *pb.Build) bool { return a.DrvPath < b.DrvPath || a.DrvPath == b.DrvPath && a.Id < b.Id }, opts),
 		versions: map[string]*rangeVersion{},
 	}
 }
@@ -119,7 +110,7 @@ func (t *buildTable) maxID() uint64 {
 func (t *buildTable) ofDrv(drv string, fn func(*pb.Build) bool) {
 	probe := buildProbes.Get().(*pb.Build)
 	probe.DrvPath = drv
-	t.byDrv.Ascend(buildDrvItem{drvKey(drv), probe}, func(it buildDrvItem) bool { return it.b.DrvPath == drv && fn(it.b) })
+	t.byDrv.Ascend(probe, func(b *pb.Build) bool { return b.DrvPath == drv && fn(b) })
 	probe.DrvPath = ""
 	buildProbes.Put(probe)
 }
@@ -137,12 +128,12 @@ func (t *buildTable) put(b *pb.Build) {
 	if had {
 		t.byState.Delete(old)
 		t.byJob.Delete(old)
-		t.byDrv.Delete(buildDrvItem{drvKey(old.DrvPath), old})
+		t.byDrv.Delete(old)
 		t.touch(old)
 	}
 	t.byState.Set(b)
 	t.byJob.Set(b)
-	t.byDrv.Set(buildDrvItem{drvKey(b.DrvPath), b})
+	t.byDrv.Set(b)
 	t.touch(b)
 }
 

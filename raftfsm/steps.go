@@ -2,7 +2,6 @@ package raftfsm
 
 import (
 	"cmp"
-	"encoding/binary"
 	"maps"
 	"math"
 	"slices"
@@ -30,7 +29,7 @@ import (
 // and snapshots may walk them concurrently with later writes.
 type stepTable struct {
 	tableRow
-	byDrv   *btree.BTreeG[drvItem]     // every step, by derivation path (drvKey first)
+	byDrv   *btree.BTreeG[*stepRec]    // every step, by derivation path
 	sched   *btree.BTreeG[*stepRec]    // every step, in schedCmp order
 	byLease *btree.BTreeG[leaseItem]   // steps with a lease ID, by it
 	watch   map[watchKey]chan struct{} // closed when a step joins, leaves or changes in the group
@@ -56,7 +55,7 @@ const treeDegree = 16 // nodes of 15–31 items: a random write copies half what
 func newStepTable() *stepTable {
 	opts := btree.Options{Degree: treeDegree, NoLocks: true}
 	return &stepTable{
-		byDrv:   btree.NewBTreeGOptions(func(a, b drvItem) bool { return drvLess(a.key, b.key, a.s.DrvPath, b.s.DrvPath) }, opts),
+		byDrv:   btree.NewBTreeGOptions(func(a, b *stepRec) bool { return a.DrvPath < b.DrvPath }, opts),
 		sched:   btree.NewBTreeGOptions(func(a, b *stepRec) bool { return schedCmp(a, b) < 0 }, opts),
 		byLease: btree.NewBTreeGOptions(func(a, b leaseItem) bool { return a.id < b.id }, opts),
 		watch:   map[watchKey]chan struct{}{},
@@ -129,46 +128,15 @@ func (t *stepTable) own(txn *memdb.Txn) error {
 func (t *stepTable) get(drv string) *stepRec {
 	probe := drvProbes.Get().(*stepRec)
 	probe.DrvPath = drv
-	it, _ := t.byDrv.Get(drvItem{drvKey(drv), probe})
+	s, _ := t.byDrv.Get(probe)
 	probe.DrvPath = ""
 	drvProbes.Put(probe)
-	return it.s
+	return s
 }
 
-// drvProbes are the steps of byDrv lookup keys.
+// drvProbes are keys for byDrv lookups (its items are the steps
+// themselves, 8 bytes each, rather than path and step).
 var drvProbes = sync.Pool{New: func() any { return new(stepRec) }}
-
-// drvItem is a byDrv entry: the step, and drvKey of its path. Comparing
-// the keys, which sit in the node's own array, settles nearly every
-// comparison; comparing the paths reads two pointers away (the record,
-// then the string's bytes), and in a queue of tens of thousands of steps
-// those cache misses were most of a lookup.
-type drvItem struct {
-	key uint64
-	s   *stepRec
-}
-
-// drvKey is the 8 bytes after the store directory of a store path
-// (zero-padded), big-endian, and 0 for anything else. Ordering by (key,
-// path) is ordering by path among store paths, and a total order on all
-// strings.
-func drvKey(p string) uint64 {
-	rest, ok := strings.CutPrefix(p, StoreDir+"/")
-	if !ok {
-		return 0
-	}
-	var b [8]byte
-	copy(b[:], rest)
-	return binary.BigEndian.Uint64(b[:])
-}
-
-// drvLess orders by key, then path.
-func drvLess(ka, kb uint64, a, b string) bool {
-	if ka != kb {
-		return ka < kb
-	}
-	return a < b
-}
 
 // leased returns the step whose lease ID (current or last) is id, or nil.
 func (t *stepTable) leased(id uint64) *stepRec {
@@ -185,8 +153,7 @@ func (t *stepTable) leased(id uint64) *stepRec {
 // must not be changed afterwards.
 func (t *stepTable) put(txn *memdb.Txn, p *pb.Step, strs *interner) {
 	s := recOf(p, strs)
-	prev, had := t.byDrv.Set(drvItem{drvKey(s.DrvPath), s})
-	old := prev.s
+	old, had := t.byDrv.Set(s)
 	if had {
 		if schedCmp(old, s) != 0 {
 			t.sched.Delete(old)
@@ -240,7 +207,7 @@ func (t *stepTable) watchCh(k watchKey) <-chan struct{} {
 
 // each calls fn for every step in derivation order until it returns false.
 func (t *stepTable) each(fn func(*stepRec) bool) {
-	t.byDrv.Scan(func(it drvItem) bool { return fn(it.s) })
+	t.byDrv.Scan(fn)
 }
 
 // interner shares the strings many steps repeat (systems, jobsets,
