@@ -119,8 +119,8 @@ func TestFrameWriter(t *testing.T) {
 // BenchmarkCompressNar compresses a NAR of Go's tools (binaries) and of
 // its standard library's sources (text) the way agents did before
 // (klauspost's streaming encoder, which finds the matches of one block at
-// a time) and
-// as independent frames (frameWriter, frameWorkers at once), and reports
+// a time) and as independent frames (frameWriter, frameWorkers at once),
+// and reports
 // each one's MB/s, compressed size, and the ratios of the two.
 func BenchmarkCompressNar(b *testing.B) {
 	root := runtime.GOROOT()

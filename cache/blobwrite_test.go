@@ -69,8 +69,8 @@ func TestBlobWriter(t *testing.T) {
 	t.Logf("O_DIRECT in %s: %v", os.TempDir(), setDirect(f, true) == nil)
 }
 
-// TestPutCopy: a copy over the limit is refused
-// whole, and a copy stores under the name given at its end.
+// TestPutCopy: a copy over the limit is refused whole, and a copy stores
+// under the name given at its end.
 func TestPutCopy(t *testing.T) {
 	s, err := NewFSBlobStore(t.TempDir())
 	if err != nil {

@@ -62,8 +62,8 @@ const (
 	// entries smaller, not faster: raft batches whatever is queued into
 	// one disk write anyway, and each entry costs its own encoding,
 	// storing and applying on every node (BenchmarkSubmitVsRawRaft,
-	// 64 writers: 9.6 submissions per entry and the lowest rate with 4;
-	// 32.5 per entry and about 10% more with 1).
+	// 64 writers: 9.6 submissions per entry with 4, 32.5 and about 10%
+	// more submissions/s with 1; 8 and 32 were slower still).
 	maxInflight = 1
 )
 

@@ -361,9 +361,10 @@ func TestInternalBlobUpload(t *testing.T) {
 
 	// A streamed copy names itself in trailers, with its CRC-32C.
 	crcOf := func(b []byte) string {
-		return fmt.Sprintf("%08x", crc32.Checksum(b, crc32.MakeTable(crc32.Castagnoli)))
+		return fmt.Sprintf("%08x", crc32.Checksum(b, castagnoli))
 	}
 	trailed := func(body []byte, name, crc string) *http.Response {
+		// A body of unknown length: sent chunked, which trailers need.
 		req, err := http.NewRequest(http.MethodPost, "http://"+l.HTTPAddr()+"/internal/v1/blobs", io.MultiReader(bytes.NewReader(body)))
 		if err != nil {
 			t.Fatal(err)
