@@ -54,8 +54,12 @@ func withGossip(t testing.TB) func(int, *Config) {
 	}
 }
 
-// fakeMember joins the pool as an agent would, with meta claiming id.
-func fakeMember(t *testing.T, name, agentID, join string) *gossip.Pool {
+// fakeMember joins the pool as an agent would (through every coordinator
+// of tc, as an agent given all their addresses does), with meta claiming
+// id. Joining exchanges state with each of them directly: memberlist's
+// UDP gossip, which can lose a member's news under load, then leaves it
+// to the 30 s push-pull sync.
+func fakeMember(t *testing.T, tc *testCluster, name, agentID string) *gossip.Pool {
 	t.Helper()
 	p, err := gossip.New(gossip.Config{Name: name, BindAddr: "127.0.0.1:0", ProbeInterval: 100 * time.Millisecond,
 		Meta: gossip.Meta{Role: gossip.RoleAgent, AgentID: agentID, Systems: []string{"x86_64-linux"}, MaxJobs: 2}, Logger: testLogger()})
@@ -63,7 +67,11 @@ func fakeMember(t *testing.T, name, agentID, join string) *gossip.Pool {
 		t.Fatal(err)
 	}
 	t.Cleanup(func() { _ = p.Shutdown() })
-	if n, err := p.Join(context.Background(), []string{join}); err != nil || n == 0 {
+	var joins []string
+	for _, c := range tc.nodes {
+		joins = append(joins, c.GossipAddr())
+	}
+	if n, err := p.Join(context.Background(), joins); err != nil || n != len(joins) {
 		t.Fatalf("joining the pool: %d %v", n, err)
 	}
 	return p
@@ -75,7 +83,7 @@ func TestGossipDeadAgentLosesLeasesAtOnce(t *testing.T) {
 	tc := startCluster(t, 3, withCacheKey(t), withAgents, withGossip(t), func(_ int, cfg *Config) { cfg.LeaseTTL = 30 * time.Second })
 	_, l := tc.leader(5 * time.Second)
 	a := registerAgent(t, l.HTTPAddr())
-	member := fakeMember(t, "agent-member", a.id, tc.nodes[0].GossipAddr())
+	member := fakeMember(t, tc, "agent-member", a.id)
 	tc.waitFor(10*time.Second, "the leader sees the agent in the pool", func() bool { return l.GossipAgents()[a.id] == gossip.StateAlive })
 	if _, err := l.SubmitBuild(context.Background(), agentGraph()); err != nil {
 		t.Fatal(err)
@@ -105,7 +113,7 @@ func TestGossipDeadAgentLosesLeasesAtOnce(t *testing.T) {
 func TestGossipGrantsNothing(t *testing.T) {
 	tc := startCluster(t, 3, withCacheKey(t), withAgents, withGossip(t), func(_ int, cfg *Config) { cfg.LeaseTTL = 30 * time.Second })
 	_, l := tc.leader(5 * time.Second)
-	stranger := fakeMember(t, "stranger", "agent-0000000000000000", tc.nodes[1].GossipAddr())
+	stranger := fakeMember(t, tc, "stranger", "agent-0000000000000000")
 	tc.waitFor(10*time.Second, "the stranger is in the leader's pool", func() bool {
 		return l.GossipAgents()["agent-0000000000000000"] == gossip.StateAlive
 	})
@@ -126,7 +134,7 @@ func TestGossipGrantsNothing(t *testing.T) {
 	if err != nil || len(ls) != 1 {
 		t.Fatalf("lease: %v %v", ls, err)
 	}
-	impostor := fakeMember(t, "impostor", a.id, tc.nodes[2].GossipAddr())
+	impostor := fakeMember(t, tc, "impostor", a.id)
 	tc.waitFor(10*time.Second, "the impostor is in the leader's pool", func() bool { return l.GossipAgents()[a.id] == gossip.StateAlive })
 	_ = impostor.Shutdown()
 	deadline := time.Now().Add(9 * time.Second)
