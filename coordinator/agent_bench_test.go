@@ -445,10 +445,11 @@ func ingestNar(b *testing.B, size int) []byte {
 // BenchmarkNarIngest's NAR that an upload costs in CPU: zstd with the
 // agent's options (agent.NarEncoderOptions; and at the default level, with
 // both file sizes, for comparison), SHA-256 of the compressed file (the
-// receiving node), CRC-32C of the file (both ends of each peer's copy)
-// and the NAR check (decompress, parse, SHA-256 of the NAR; nar-sha256 is
-// that hash alone). Their sum over two cores bounds an ingest on this
-// machine, next to the zstd CLI's compression alone.
+// receiving node), CRC-32C of the file (the sending node, once for all
+// its peers, and each peer) and the NAR check (decompress, parse, SHA-256
+// of the NAR; nar-sha256 is that hash alone). Their sum over two cores
+// bounds an ingest on this machine, next to the zstd CLI's compression
+// alone.
 func BenchmarkIngestPasses(b *testing.B) {
 	n := ingestNar(b, 64<<20)
 	var compress, compressDefault, narHash, fileHash, crc, check time.Duration

@@ -126,6 +126,7 @@ type uploadFanout struct {
 	unknown bool   // the peers were unknown: the blob is pushed afterwards
 	blob    string // the upload's hash and size, set by complete before the streams end
 	size    int64
+	crc     uint32 // CRC-32C of the chunks sent to the peers, in their trailer
 }
 
 // startFanout starts the check and one copy per peer that has an address.
@@ -160,7 +161,7 @@ func (c *Coordinator) startFanout(lease uint64) *uploadFanout {
 			defer c.bg.Done()
 			defer cancel()
 			defer pc.sink.quit()
-			name, size, err := c.copyStreamToPeer(ctx, p, pc.sink, func() string { return f.blob })
+			name, size, err := c.copyStreamToPeer(ctx, p, pc.sink, func() (string, string) { return f.blob, crcString(f.crc) })
 			// Without an error the stream reached its end: complete had
 			// set blob and size.
 			if err == nil && (name != f.blob || size != f.size) {
@@ -180,6 +181,10 @@ func (f *uploadFanout) send(ctx context.Context, b []byte) error {
 	case <-f.check.stop: // the check has its answer already
 	case <-ctx.Done():
 		return ctx.Err()
+	}
+	if len(f.peers) > 0 {
+		// Once for every peer: each is sent these same bytes.
+		f.crc = crc32.Update(f.crc, castagnoli, b)
 	}
 	for _, p := range f.peers {
 		if p.dropped {
@@ -270,7 +275,8 @@ func (f *uploadFanout) wait(ctx context.Context) (cache.NarSummary, error) {
 }
 
 // A streamed copy's name is not known until its end: it comes in an HTTP
-// trailer, with the CRC-32C of the bytes sent. The peer checks the bytes
+// trailer, with the CRC-32C of the bytes sent (the sender's computed once
+// for all its peers, as the chunks are queued). The peer checks the bytes
 // against the CRC, not by hashing them again (the node that sends them
 // hashed them as it stored them; a scrub re-hashes every blob).
 const (
@@ -280,30 +286,18 @@ const (
 
 var castagnoli = crc32.MakeTable(crc32.Castagnoli)
 
-// crcReader keeps the CRC-32C of what is read through it.
-type crcReader struct {
-	r   io.Reader
-	crc uint32
-}
-
-func (c *crcReader) Read(p []byte) (int, error) {
-	n, err := c.r.Read(p)
-	c.crc = crc32.Update(c.crc, castagnoli, p[:n])
-	return n, err
-}
-
-func (c *crcReader) sum() string { return fmt.Sprintf("%08x", c.crc) }
+func crcString(crc uint32) string { return fmt.Sprintf("%08x", crc) }
 
 // trailedBody reads a streamed copy's body, and at its end (before
-// returning io.EOF) sets the request's trailers.
+// returning io.EOF) sets the request's trailers to what end returns.
 type trailedBody struct {
-	crcReader
+	r       io.Reader
 	trailer http.Header
-	name    func() string
+	end     func() (name, crc string)
 }
 
 func (b *trailedBody) Read(p []byte) (int, error) {
-	n, err := b.crcReader.Read(p)
+	n, err := b.r.Read(p)
 	if err == io.EOF {
 		b.setTrailers()
 	}
@@ -311,9 +305,9 @@ func (b *trailedBody) Read(p []byte) (int, error) {
 }
 
 // WriteTo copies the body to w with its reader's WriteTo (a chunkSink's:
-// whole chunks), adding them to the CRC, and sets the trailers at its end.
+// whole chunks) and sets the trailers at its end.
 func (b *trailedBody) WriteTo(w io.Writer) (int64, error) {
-	n, err := io.Copy(crcWriter{w: w, crc: &b.crc}, b.r)
+	n, err := io.Copy(w, b.r)
 	if err == nil {
 		b.setTrailers()
 	}
@@ -321,27 +315,16 @@ func (b *trailedBody) WriteTo(w io.Writer) (int64, error) {
 }
 
 func (b *trailedBody) setTrailers() {
-	b.trailer.Set(blobNameTrailer, b.name())
-	b.trailer.Set(blobCRCTrailer, b.sum())
+	name, crc := b.end()
+	b.trailer.Set(blobNameTrailer, name)
+	b.trailer.Set(blobCRCTrailer, crc)
 }
 
-// crcWriter adds what is written through it to a CRC-32C.
-type crcWriter struct {
-	w   io.Writer
-	crc *uint32
-}
-
-func (c crcWriter) Write(p []byte) (int, error) {
-	n, err := c.w.Write(p)
-	*c.crc = crc32.Update(*c.crc, castagnoli, p[:n])
-	return n, err
-}
-
-// copyStreamToPeer sends body to a peer as a blob whose name, which name
-// gives once body has ended, goes in a trailer; the peer answers the name
-// and size it stored.
-func (c *Coordinator) copyStreamToPeer(ctx context.Context, p blobPeer, body io.Reader, name func() string) (string, int64, error) {
-	tb := &trailedBody{crcReader: crcReader{r: body}, trailer: http.Header{blobNameTrailer: nil, blobCRCTrailer: nil}, name: name}
+// copyStreamToPeer sends body to a peer as a blob whose name and CRC-32C,
+// which end gives once body has ended, go in trailers; the peer answers
+// the name and size it stored.
+func (c *Coordinator) copyStreamToPeer(ctx context.Context, p blobPeer, body io.Reader, end func() (name, crc string)) (string, int64, error) {
+	tb := &trailedBody{r: body, trailer: http.Header{blobNameTrailer: nil, blobCRCTrailer: nil}, end: end}
 	req, err := http.NewRequestWithContext(ctx, http.MethodPost, "http://"+p.addr+"/internal/v1/blobs", tb)
 	if err != nil {
 		return "", 0, err
@@ -390,13 +373,13 @@ func (c *Coordinator) handleInternalBlobUpload(w http.ResponseWriter, r *http.Re
 	var n int64
 	var err error
 	if _, trailed := r.Trailer[blobNameTrailer]; trailed {
-		body := &crcReader{r: r.Body}
-		name, n, err = c.blobs.PutCopy(r.Context(), body, c.cfg.MaxNarSize, func() (string, error) {
+		crc := crc32.New(castagnoli)
+		name, n, err = c.blobs.PutCopy(r.Context(), io.TeeReader(r.Body, crc), c.cfg.MaxNarSize, func() (string, error) {
 			name, sum := r.Trailer.Get(blobNameTrailer), r.Trailer.Get(blobCRCTrailer)
 			if name == "" || sum == "" {
 				return "", fmt.Errorf("%w: the copy ended without its name and checksum", raftfsm.ErrInvalid)
 			}
-			if want := body.sum(); sum != want {
+			if want := crcString(crc.Sum32()); sum != want {
 				return "", fmt.Errorf("%w: the copy's CRC-32C is %s, the sender's %.20q", raftfsm.ErrInvalid, want, sum)
 			}
 			return name, nil

@@ -361,7 +361,7 @@ func TestInternalBlobUpload(t *testing.T) {
 
 	// A streamed copy names itself in trailers, with its CRC-32C.
 	crcOf := func(b []byte) string {
-		return fmt.Sprintf("%08x", crc32.Checksum(b, castagnoli))
+		return crcString(crc32.Checksum(b, castagnoli))
 	}
 	trailed := func(body []byte, name, crc string) *http.Response {
 		// A body of unknown length: sent chunked, which trailers need.

@@ -80,13 +80,6 @@ type buildView struct {
 	Outputs     map[string]string `json:"outputs"`
 }
 
-// TestAgentsBuildGraph: three coordinators and two agents with their own
-// chroot stores build a diamond, a chain, a derivation needing a feature
-// only agent B has, and a failing derivation with a dependent, submitted
-// through a follower. Outputs land in the cache and substitute with
-// signatures required (the big one's NAR is over twice agent.FrameSize,
-// so its agent sent it as three zstd frames); the failure is status 1 and
-// its dependent 2; every step's log equals what Nix recorded.
 // farm is a three-coordinator cluster with a cache key and an agent join
 // token, plus what is needed to start agents and push derivations.
 type farm struct {
@@ -218,6 +211,13 @@ func (fm *farm) storedLog(node *coordProc, drv string) (int, string) {
 	return resp.StatusCode, readAll(fm.t, resp)
 }
 
+// TestAgentsBuildGraph: three coordinators and two agents with their own
+// chroot stores build a diamond, a chain, a derivation needing a feature
+// only agent B has, and a failing derivation with a dependent, submitted
+// through a follower. Outputs land in the cache and substitute with
+// signatures required (the big one's NAR is over twice agent.FrameSize,
+// so its agent sent it as three zstd frames); the failure is status 1 and
+// its dependent 2; every step's log equals what Nix recorded.
 func TestAgentsBuildGraph(t *testing.T) {
 	fm := startFarm(t)
 	nx := fm.nx
