@@ -308,39 +308,32 @@ type counter struct{ n uint64 }
 
 func (c *counter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return len(p), nil }
 
-// chunkSender sends what is written to it as UploadNar chunks of 1 MiB,
-// counting the bytes. After a failed send it drops what follows and keeps
-// the error (Err).
+// chunkSender sends each write (a compressed frame) as UploadNar chunks
+// of at most 1 MiB, straight from the writer's buffer (Send has copied a
+// message out when it returns), counting the bytes. After a failed send
+// it drops what follows and keeps the error (Err).
 type chunkSender struct {
 	stream *connect.ClientStreamForClient[kilnv1.UploadNarRequest, kilnv1.UploadNarResponse]
-	buf    []byte
 	n      uint64
 	err    error
 }
+
+// maxNarChunk is the largest zstd chunk an upload may carry.
+const maxNarChunk = 1 << 20
 
 func (s *chunkSender) Write(p []byte) (int, error) {
 	n := len(p)
 	s.n += uint64(n)
 	for len(p) > 0 && s.err == nil {
-		k := min(len(p), 1<<20-len(s.buf))
-		s.buf = append(s.buf, p[:k]...)
+		k := min(len(p), maxNarChunk)
+		s.err = s.stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: p[:k]}})
 		p = p[k:]
-		if len(s.buf) == 1<<20 {
-			s.flush()
-		}
 	}
 	return n, nil
 }
 
 // Err is the failed send's error, or nil.
 func (s *chunkSender) Err() error { return s.err }
-
-func (s *chunkSender) flush() {
-	if len(s.buf) > 0 && s.err == nil {
-		s.err = s.stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: s.buf}})
-	}
-	s.buf = s.buf[:0]
-}
 
 // StreamNar sends the NAR dump writes, compressed with zstd while it is
 // sent, as one UploadNar call. hdr names the lease and the path (and its
@@ -355,7 +348,7 @@ func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credenti
 	defer cancel()
 	stream := c.UploadNar(sctx)
 	stream.RequestHeader().Set("Authorization", "Bearer "+credential)
-	s := &chunkSender{stream: stream, buf: make([]byte, 0, 1<<20)}
+	s := &chunkSender{stream: stream}
 	s.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}})
 	n, err := compressNar(dump, s)
 	if s.err != nil {
@@ -375,7 +368,6 @@ func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credenti
 		_, _ = stream.CloseAndReceive()
 		return nil, fmt.Errorf("%w: %w", ErrDump, err)
 	}
-	s.flush()
 	if s.err == nil {
 		s.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
 			NarHash: narHash, NarSize: narSize, FileSize: s.n}}})

@@ -8,6 +8,7 @@ import (
 	"io"
 	"math/rand/v2"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -27,6 +28,7 @@ import (
 type received struct {
 	header  *kilnv1.NarHeader
 	body    []byte
+	chunks  []int // each chunk's size
 	trailer *kilnv1.NarTrailer
 }
 
@@ -49,6 +51,7 @@ func (f *fakeCoordinators) UploadNar(_ context.Context, stream *connect.ClientSt
 			r.header = p.Header
 		case *kilnv1.UploadNarRequest_ZstdChunk:
 			r.body = append(r.body, p.ZstdChunk...)
+			r.chunks = append(r.chunks, len(p.ZstdChunk))
 		case *kilnv1.UploadNarRequest_Trailer:
 			r.trailer = p.Trailer
 		}
@@ -128,6 +131,12 @@ func TestSendOutputDumpsAgainForTheNextCoordinator(t *testing.T) {
 	first, second := f.got[0], f.got[1]
 	if len(second.body) <= 2<<20 {
 		t.Errorf("the upload is %d bytes: the test wants several chunks", len(second.body))
+	}
+	// A coordinator refuses a chunk over 1 MiB.
+	for i, got := range f.got {
+		if big := slices.IndexFunc(got.chunks, func(n int) bool { return n > 1<<20 || n == 0 }); big >= 0 {
+			t.Errorf("upload %d: chunk %d is %d bytes: chunks are 1 to 1 MiB (all: %v)", i, big, got.chunks[big], got.chunks)
+		}
 	}
 	if !bytes.Equal(first.body, second.body) {
 		t.Errorf("the first upload's bytes (%d) differ from the second's (%d)", len(first.body), len(second.body))
