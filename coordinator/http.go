@@ -158,12 +158,19 @@ func cacheFirst(cache http.Handler, next http.Handler) http.Handler {
 // the body the connection's read deadline is pushed to now+idle, so an
 // upload or log stream that stops sending (a stuck or malicious agent)
 // ends with an error instead of holding its handler forever, while a
-// long, steady stream is never cut.
+// long, steady stream is never cut. The wrapped body goes to a shallow
+// copy of the request: the server looks at its own request's body after
+// the handler, and a body the handler left unread (an upload refused at
+// its header) must be seen as closed early, so that the connection is
+// closed only after a pause that lets the client read the answer, not at
+// once (the client would see the connection reset instead).
 func idleReads(idle time.Duration, next http.Handler) http.Handler {
 	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
 		rc := http.NewResponseController(w)
 		if rc.SetReadDeadline(time.Now().Add(idle)) == nil {
-			r.Body = &idleBody{ReadCloser: r.Body, rc: rc, idle: idle}
+			body := &idleBody{ReadCloser: r.Body, rc: rc, idle: idle}
+			r = r.WithContext(r.Context())
+			r.Body = body
 		}
 		next.ServeHTTP(w, r)
 	})

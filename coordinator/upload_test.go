@@ -28,6 +28,7 @@ import (
 	"github.com/kilnci/kiln/raftfsm"
 	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
+	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
 )
 
 // sendParts sends an UploadNar call made of the given parts.
@@ -115,35 +116,6 @@ func TestStreamedUpload(t *testing.T) {
 		})
 	}
 
-	// Refused at its header (a lease the agent does not hold), the
-	// agent's upload fails, not as a failed dump (which it would not
-	// retry elsewhere), and its dump is stopped instead of compressed to
-	// the end. Over HTTP/1.1 the agent may see the connection reset
-	// rather than the coordinator's FailedPrecondition: the coordinator
-	// closes a connection whose request it did not read to the end.
-	t.Run("refused mid-dump", func(t *testing.T) {
-		rng := rand.NewChaCha8([32]byte{1})
-		piece := make([]byte, 1<<20) // random: it compresses to as much
-		const pieces = 256
-		written := 0
-		_, err := agent.StreamNar(context.Background(), a.client, a.cred, &kilnv1.NarHeader{LeaseId: lease + 1000, StorePath: out},
-			good.NarHash, pieces<<20, func(w io.Writer) error {
-				for ; written < pieces; written++ {
-					_, _ = rng.Read(piece)
-					if _, err := w.Write(piece); err != nil {
-						return err
-					}
-				}
-				return nil
-			})
-		if err == nil || errors.Is(err, agent.ErrDump) {
-			t.Fatalf("StreamNar under another lease: %v, want the upload's failure", err)
-		}
-		if written == pieces {
-			t.Fatalf("the dump wrote all %d MiB after the upload was refused", pieces)
-		}
-	})
-
 	// The agent's own streaming upload: the store's NarHash and NarSize
 	// in the trailer, no FileHash.
 	if _, err := agent.StreamNar(context.Background(), a.client, a.cred, &kilnv1.NarHeader{LeaseId: lease, StorePath: out},
@@ -180,6 +152,51 @@ func TestStreamedUpload(t *testing.T) {
 	}
 	if !l.blobs.Has(rec.Blob) {
 		t.Fatal("the recorded blob is not stored")
+	}
+}
+
+// TestRefusedUploadAnswers: an upload refused at its header (a lease the
+// agent does not hold) fails at the agent with the leader's
+// FailedPrecondition, sent to the leader or through a follower, over
+// HTTP/1.1, where a coordinator closes a connection whose request it did
+// not read to the end: not before the agent has read the answer (else it
+// sees the connection reset, or the follower's 502 and tries elsewhere).
+// It is not a failed dump, and the dump is stopped instead of compressed
+// to the end.
+func TestRefusedUploadAnswers(t *testing.T) {
+	tc := startCluster(t, 3, withAgents)
+	_, l := tc.leader(10 * time.Second)
+	_, f := tc.follower()
+	a := registerAgent(t, l.HTTPAddr())
+	for _, node := range []struct {
+		name string
+		c    *Coordinator
+	}{{"leader", l}, {"follower", f}} {
+		t.Run(node.name, func(t *testing.T) {
+			tr := &http.Transport{} // HTTP/1.1, a connection of its own
+			t.Cleanup(tr.CloseIdleConnections)
+			client := kilnv1connect.NewAgentServiceClient(&http.Client{Transport: tr}, "http://"+node.c.HTTPAddr())
+			rng := rand.NewChaCha8([32]byte{1})
+			piece := make([]byte, 1<<20) // random: it compresses to as much
+			const pieces = 256
+			written := 0
+			_, err := agent.StreamNar(context.Background(), client, a.cred, &kilnv1.NarHeader{LeaseId: 1 << 40, StorePath: storePathFor("refused")},
+				"sha256:"+nixbase32.EncodeToString(make([]byte, 32)), pieces<<20, func(w io.Writer) error {
+					for ; written < pieces; written++ {
+						_, _ = rng.Read(piece)
+						if _, err := w.Write(piece); err != nil {
+							return err
+						}
+					}
+					return nil
+				})
+			if connect.CodeOf(err) != connect.CodeFailedPrecondition || errors.Is(err, agent.ErrDump) {
+				t.Fatalf("StreamNar under a lease the agent does not hold: %v, want %v", err, connect.CodeFailedPrecondition)
+			}
+			if written == pieces {
+				t.Fatalf("the dump wrote all %d MiB after the upload was refused", pieces)
+			}
+		})
 	}
 }
 
