@@ -313,9 +313,9 @@ func (c *counter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return l
 // message out when it returns), counting the bytes. After a failed send
 // it drops what follows and keeps the error (Err).
 type chunkSender struct {
-	stream *connect.ClientStreamForClient[kilnv1.UploadNarRequest, kilnv1.UploadNarResponse]
-	n      uint64
-	err    error
+	conn connect.StreamingClientConn // the write side: Send only
+	n    uint64
+	err  error
 }
 
 // maxNarChunk is the largest zstd chunk an upload may carry.
@@ -326,7 +326,7 @@ func (s *chunkSender) Write(p []byte) (int, error) {
 	s.n += uint64(n)
 	for len(p) > 0 && s.err == nil {
 		k := min(len(p), maxNarChunk)
-		s.err = s.stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: p[:k]}})
+		s.err = s.conn.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: p[:k]}})
 		p = p[k:]
 	}
 	return n, nil
@@ -346,33 +346,92 @@ func (s *chunkSender) Err() error { return s.err }
 func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credential string, hdr *kilnv1.NarHeader, narHash string, narSize uint64, dump func(io.Writer) error) (*connect.Response[kilnv1.UploadNarResponse], error) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
-	stream := c.UploadNar(sctx)
-	stream.RequestHeader().Set("Authorization", "Bearer "+credential)
-	s := &chunkSender{stream: stream}
-	s.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}})
+	conn, err := c.UploadNar(sctx).Conn()
+	if err != nil {
+		return nil, err
+	}
+	conn.RequestHeader().Set("Authorization", "Bearer "+credential)
+	s := &chunkSender{conn: conn}
+	s.err = conn.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}})
+	// The answer is read as soon as it comes, while the upload is still
+	// being sent: a coordinator that refuses an upload (a lease no longer
+	// ours) answers before reading the rest and then closes the
+	// connection, and over HTTP/1.1 the connection's failed write would
+	// lose the answer if it were read only after sending failed. An answer
+	// that comes early cancels the sending, which stops the dump.
+	answered := make(chan uploadAnswer, 1)
+	go func() {
+		// Owned by StreamNar, which always waits for it: it ends with
+		// the answer, or when sctx is cancelled.
+		resp, err := receiveAnswer(conn)
+		cancel()
+		answered <- uploadAnswer{resp, err}
+	}()
 	n, err := compressNar(dump, s)
 	if s.err != nil {
-		// The coordinator ended the upload, or the connection broke;
-		// the dump was stopped. Its answer says why.
-		_, cerr := stream.CloseAndReceive()
-		if cerr == nil {
-			cerr = s.err
+		// The coordinator answered, or the connection broke; the dump
+		// was stopped. The answer says why.
+		_ = conn.CloseRequest()
+		a := <-answered
+		if a.err == nil {
+			a.err = s.err
 		}
-		return nil, cerr
+		return nil, a.err
 	}
 	if err == nil && n != narSize {
 		err = fmt.Errorf("the NAR is %d bytes, but the store registered %d", n, narSize)
 	}
 	if err != nil {
 		cancel() // abandon the upload: no trailer is sent
-		_, _ = stream.CloseAndReceive()
+		<-answered
 		return nil, fmt.Errorf("%w: %w", ErrDump, err)
 	}
-	if s.err == nil {
-		s.err = stream.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
-			NarHash: narHash, NarSize: narSize, FileSize: s.n}}})
+	s.err = conn.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
+		NarHash: narHash, NarSize: narSize, FileSize: s.n}}})
+	_ = conn.CloseRequest()
+	a := <-answered
+	if a.err == nil && s.err != nil {
+		a.err = s.err // answered without the trailer (cannot be)
 	}
-	return stream.CloseAndReceive()
+	if a.err != nil {
+		return nil, a.err
+	}
+	return a.resp, nil
+}
+
+// uploadAnswer is a coordinator's answer to an UploadNar call.
+type uploadAnswer struct {
+	resp *connect.Response[kilnv1.UploadNarResponse]
+	err  error
+}
+
+// receiveAnswer reads the answer to a client-streaming call from its read
+// side (which may run while the write side sends): one message, then the
+// end, as the generated client's CloseAndReceive reads it.
+func receiveAnswer(conn connect.StreamingClientConn) (*connect.Response[kilnv1.UploadNarResponse], error) {
+	defer conn.CloseResponse()
+	var msg kilnv1.UploadNarResponse
+	if err := conn.Receive(&msg); err != nil {
+		if errors.Is(err, io.EOF) {
+			err = connect.NewError(connect.CodeUnimplemented, errors.New("the upload's answer has no message"))
+		}
+		return nil, err
+	}
+	var more kilnv1.UploadNarResponse
+	if err := conn.Receive(&more); !errors.Is(err, io.EOF) {
+		if err == nil {
+			err = connect.NewError(connect.CodeUnimplemented, errors.New("the upload's answer has more than one message"))
+		}
+		return nil, err
+	}
+	resp := connect.NewResponse(&msg)
+	for k, v := range conn.ResponseHeader() {
+		resp.Header()[k] = v
+	}
+	for k, v := range conn.ResponseTrailer() {
+		resp.Trailer()[k] = v
+	}
+	return resp, nil
 }
 
 // storePathInfo is what the agent's store registered for a path.

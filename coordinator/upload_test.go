@@ -159,10 +159,10 @@ func TestStreamedUpload(t *testing.T) {
 // agent does not hold) fails at the agent with the leader's
 // FailedPrecondition, sent to the leader or through a follower, over
 // HTTP/1.1, where a coordinator closes a connection whose request it did
-// not read to the end: not before the agent has read the answer (else it
-// sees the connection reset, or the follower's 502 and tries elsewhere).
-// It is not a failed dump, and the dump is stopped instead of compressed
-// to the end.
+// not read to the end: it pauses first, and the agent reads the answer
+// while it sends (else it sees the connection reset, or the follower's 502
+// and tries elsewhere). It is not a failed dump, and the dump is stopped
+// instead of compressed to the end.
 func TestRefusedUploadAnswers(t *testing.T) {
 	tc := startCluster(t, 3, withAgents)
 	_, l := tc.leader(10 * time.Second)
