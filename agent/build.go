@@ -264,7 +264,7 @@ func (a *Agent) sendOutput(ctx context.Context, l *kilnv1.Lease, path string, in
 	}
 	hdr := &kilnv1.NarHeader{LeaseId: l.LeaseId, StorePath: path, References: info.References,
 		Deriver: strings.TrimPrefix(l.DrvPath, storeDir+"/")}
-	_, err := call(ctx, a, func(c kilnv1connect.AgentServiceClient) (*connect.Response[kilnv1.UploadNarResponse], error) {
+	_, err := call(ctx, a, func(c kilnv1connect.AgentServiceClient) (*kilnv1.UploadNarResponse, error) {
 		resp, err := StreamNar(ctx, c, a.cred, hdr, info.NarHash, info.NarSize, dump)
 		if errors.Is(err, ErrDump) {
 			return nil, connect.NewError(connect.CodeCanceled, err) // not worth another coordinator
@@ -343,7 +343,7 @@ func (s *chunkSender) Err() error { return s.err }
 // and checks the NAR against narHash, so the agent hashes nothing. A dump
 // that fails, or whose size is not narSize, abandons the upload (no
 // trailer is sent) with an error wrapping ErrDump.
-func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credential string, hdr *kilnv1.NarHeader, narHash string, narSize uint64, dump func(io.Writer) error) (*connect.Response[kilnv1.UploadNarResponse], error) {
+func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credential string, hdr *kilnv1.NarHeader, narHash string, narSize uint64, dump func(io.Writer) error) (*kilnv1.UploadNarResponse, error) {
 	sctx, cancel := context.WithCancel(ctx)
 	defer cancel()
 	conn, err := c.UploadNar(sctx).Conn()
@@ -363,52 +363,45 @@ func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credenti
 	go func() {
 		// Owned by StreamNar, which always waits for it: it ends with
 		// the answer, or when sctx is cancelled.
-		resp, err := receiveAnswer(conn)
+		msg, err := receiveAnswer(conn)
 		cancel()
-		answered <- uploadAnswer{resp, err}
+		answered <- uploadAnswer{msg, err}
 	}()
 	n, err := compressNar(dump, s)
-	if s.err != nil {
-		// The coordinator answered, or the connection broke; the dump
-		// was stopped. The answer says why.
-		_ = conn.CloseRequest()
-		a := <-answered
-		if a.err == nil {
-			a.err = s.err
+	// A failed send stopped the dump: the answer says why, not the dump.
+	if s.err == nil {
+		if err == nil && n != narSize {
+			err = fmt.Errorf("the NAR is %d bytes, but the store registered %d", n, narSize)
 		}
-		return nil, a.err
+		if err != nil {
+			cancel() // abandon the upload: no trailer is sent
+			<-answered
+			return nil, fmt.Errorf("%w: %w", ErrDump, err)
+		}
+		s.err = conn.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
+			NarHash: narHash, NarSize: narSize, FileSize: s.n}}})
 	}
-	if err == nil && n != narSize {
-		err = fmt.Errorf("the NAR is %d bytes, but the store registered %d", n, narSize)
-	}
-	if err != nil {
-		cancel() // abandon the upload: no trailer is sent
-		<-answered
-		return nil, fmt.Errorf("%w: %w", ErrDump, err)
-	}
-	s.err = conn.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
-		NarHash: narHash, NarSize: narSize, FileSize: s.n}}})
 	_ = conn.CloseRequest()
 	a := <-answered
 	if a.err == nil && s.err != nil {
-		a.err = s.err // answered without the trailer (cannot be)
+		a.err = s.err // the connection broke, or an answer came before the trailer
 	}
 	if a.err != nil {
 		return nil, a.err
 	}
-	return a.resp, nil
+	return a.msg, nil
 }
 
 // uploadAnswer is a coordinator's answer to an UploadNar call.
 type uploadAnswer struct {
-	resp *connect.Response[kilnv1.UploadNarResponse]
-	err  error
+	msg *kilnv1.UploadNarResponse
+	err error
 }
 
 // receiveAnswer reads the answer to a client-streaming call from its read
 // side (which may run while the write side sends): one message, then the
 // end, as the generated client's CloseAndReceive reads it.
-func receiveAnswer(conn connect.StreamingClientConn) (*connect.Response[kilnv1.UploadNarResponse], error) {
+func receiveAnswer(conn connect.StreamingClientConn) (*kilnv1.UploadNarResponse, error) {
 	defer conn.CloseResponse()
 	var msg kilnv1.UploadNarResponse
 	if err := conn.Receive(&msg); err != nil {
@@ -424,14 +417,7 @@ func receiveAnswer(conn connect.StreamingClientConn) (*connect.Response[kilnv1.U
 		}
 		return nil, err
 	}
-	resp := connect.NewResponse(&msg)
-	for k, v := range conn.ResponseHeader() {
-		resp.Header()[k] = v
-	}
-	for k, v := range conn.ResponseTrailer() {
-		resp.Trailer()[k] = v
-	}
-	return resp, nil
+	return &msg, nil
 }
 
 // storePathInfo is what the agent's store registered for a path.
