@@ -313,30 +313,30 @@ func (c *counter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return l
 // message out when it returns), counting the bytes. After a failed send
 // it drops what follows and keeps the error (Err).
 type chunkSender struct {
-	conn connect.StreamingClientConn // the write side: Send only
-	n    uint64
-	err  error
+	s *streamSender
+	n uint64
 }
 
 // maxNarChunk is the largest zstd chunk an upload may carry.
 const maxNarChunk = 1 << 20
 
-func (s *chunkSender) Write(p []byte) (int, error) {
+func (c *chunkSender) Write(p []byte) (int, error) {
 	n := len(p)
-	s.n += uint64(n)
-	for len(p) > 0 && s.err == nil {
+	c.n += uint64(n)
+	for len(p) > 0 && c.s.err == nil {
 		k := min(len(p), maxNarChunk)
-		s.err = s.conn.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: p[:k]}})
+		c.s.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: p[:k]}})
 		p = p[k:]
 	}
 	return n, nil
 }
 
 // Err is the failed send's error, or nil.
-func (s *chunkSender) Err() error { return s.err }
+func (c *chunkSender) Err() error { return c.s.err }
 
 // StreamNar sends the NAR dump writes, compressed with zstd while it is
-// sent, as one UploadNar call. hdr names the lease and the path (and its
+// sent, as one UploadNar call (a streamCall: a refusal is read as it
+// comes, and stops the dump). hdr names the lease and the path (and its
 // references and deriver) and leaves the hashes and sizes empty: a trailer
 // brings narHash and narSize, what the store registered for the path, and
 // the compressed size. The coordinator hashes the compressed bytes itself
@@ -344,80 +344,23 @@ func (s *chunkSender) Err() error { return s.err }
 // that fails, or whose size is not narSize, abandons the upload (no
 // trailer is sent) with an error wrapping ErrDump.
 func StreamNar(ctx context.Context, c kilnv1connect.AgentServiceClient, credential string, hdr *kilnv1.NarHeader, narHash string, narSize uint64, dump func(io.Writer) error) (*kilnv1.UploadNarResponse, error) {
-	sctx, cancel := context.WithCancel(ctx)
-	defer cancel()
-	conn, err := c.UploadNar(sctx).Conn()
-	if err != nil {
-		return nil, err
-	}
-	conn.RequestHeader().Set("Authorization", "Bearer "+credential)
-	s := &chunkSender{conn: conn}
-	s.err = conn.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}})
-	// The answer is read as soon as it comes, while the upload is still
-	// being sent: a coordinator that refuses an upload (a lease no longer
-	// ours) answers before reading the rest and then closes the
-	// connection, and over HTTP/1.1 the connection's failed write would
-	// lose the answer if it were read only after sending failed. An answer
-	// that comes early cancels the sending, which stops the dump.
-	answered := make(chan uploadAnswer, 1)
-	go func() {
-		// Owned by StreamNar, which always waits for it: it ends with
-		// the answer, or when sctx is cancelled.
-		msg, err := receiveAnswer(conn)
-		cancel()
-		answered <- uploadAnswer{msg, err}
-	}()
-	n, err := compressNar(dump, s)
-	// A failed send stopped the dump: the answer says why, not the dump.
-	if s.err == nil {
+	open := func(ctx context.Context) (connect.StreamingClientConn, error) { return c.UploadNar(ctx).Conn() }
+	return streamCall[kilnv1.UploadNarResponse](ctx, credential, open, func(s *streamSender) error {
+		s.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Header{Header: hdr}})
+		w := &chunkSender{s: s}
+		// After a failed send the dump stops, and its error is not
+		// the one returned: the answer says why.
+		n, err := compressNar(dump, w)
 		if err == nil && n != narSize {
 			err = fmt.Errorf("the NAR is %d bytes, but the store registered %d", n, narSize)
 		}
 		if err != nil {
-			cancel() // abandon the upload: no trailer is sent
-			<-answered
-			return nil, fmt.Errorf("%w: %w", ErrDump, err)
+			return fmt.Errorf("%w: %w", ErrDump, err)
 		}
-		s.err = conn.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
-			NarHash: narHash, NarSize: narSize, FileSize: s.n}}})
-	}
-	_ = conn.CloseRequest()
-	a := <-answered
-	if a.err == nil && s.err != nil {
-		a.err = s.err // the connection broke, or an answer came before the trailer
-	}
-	if a.err != nil {
-		return nil, a.err
-	}
-	return a.msg, nil
-}
-
-// uploadAnswer is a coordinator's answer to an UploadNar call.
-type uploadAnswer struct {
-	msg *kilnv1.UploadNarResponse
-	err error
-}
-
-// receiveAnswer reads the answer to a client-streaming call from its read
-// side (which may run while the write side sends): one message, then the
-// end, as the generated client's CloseAndReceive reads it.
-func receiveAnswer(conn connect.StreamingClientConn) (*kilnv1.UploadNarResponse, error) {
-	defer conn.CloseResponse()
-	var msg kilnv1.UploadNarResponse
-	if err := conn.Receive(&msg); err != nil {
-		if errors.Is(err, io.EOF) {
-			err = connect.NewError(connect.CodeUnimplemented, errors.New("the upload's answer has no message"))
-		}
-		return nil, err
-	}
-	var more kilnv1.UploadNarResponse
-	if err := conn.Receive(&more); !errors.Is(err, io.EOF) {
-		if err == nil {
-			err = connect.NewError(connect.CodeUnimplemented, errors.New("the upload's answer has more than one message"))
-		}
-		return nil, err
-	}
-	return &msg, nil
+		s.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_Trailer{Trailer: &kilnv1.NarTrailer{
+			NarHash: narHash, NarSize: narSize, FileSize: w.n}}})
+		return nil
+	})
 }
 
 // storePathInfo is what the agent's store registered for a path.

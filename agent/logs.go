@@ -102,23 +102,32 @@ func (l *logStreamer) flush(ctx context.Context, last bool) error {
 	if len(todo) == 0 {
 		return nil
 	}
-	resp, err := call(ctx, l.a, func(c kilnv1connect.AgentServiceClient) (*connect.Response[kilnv1.StreamLogResponse], error) {
-		stream := c.StreamLog(ctx)
-		stream.RequestHeader().Set("Authorization", "Bearer "+l.a.cred)
-		for i, ch := range todo {
-			msg := &kilnv1.LogChunk{LeaseId: l.lease, Seq: uint64(from + i), Data: ch.data, Replace: ch.replace, Last: ch.last}
-			if err := stream.Send(msg); err != nil {
-				break
-			}
-		}
-		return stream.CloseAndReceive()
+	msgs := make([]*kilnv1.LogChunk, len(todo))
+	for i, ch := range todo {
+		msgs[i] = &kilnv1.LogChunk{LeaseId: l.lease, Seq: uint64(from + i), Data: ch.data, Replace: ch.replace, Last: ch.last}
+	}
+	resp, err := call(ctx, l.a, func(c kilnv1connect.AgentServiceClient) (*kilnv1.StreamLogResponse, error) {
+		return SendLog(ctx, c, l.a.cred, msgs)
 	})
 	if err != nil {
 		return err
 	}
 	l.mu.Lock()
 	// The leader says where it is: behind us means it lost chunks.
-	l.sent = min(int(resp.Msg.NextSeq), len(l.chunks))
+	l.sent = min(int(resp.NextSeq), len(l.chunks))
 	l.mu.Unlock()
 	return nil
+}
+
+// SendLog sends a lease's log chunks in one StreamLog call (a streamCall:
+// a refusal is read as it comes) and returns the leader's answer: the
+// next sequence number it wants.
+func SendLog(ctx context.Context, c kilnv1connect.AgentServiceClient, credential string, chunks []*kilnv1.LogChunk) (*kilnv1.StreamLogResponse, error) {
+	open := func(ctx context.Context) (connect.StreamingClientConn, error) { return c.StreamLog(ctx).Conn() }
+	return streamCall[kilnv1.StreamLogResponse](ctx, credential, open, func(s *streamSender) error {
+		for _, m := range chunks {
+			s.Send(m)
+		}
+		return nil
+	})
 }

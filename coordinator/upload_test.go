@@ -155,32 +155,32 @@ func TestStreamedUpload(t *testing.T) {
 	}
 }
 
-// TestRefusedUploadAnswers: an upload refused at its header (a lease the
-// agent does not hold) fails at the agent with the leader's
-// FailedPrecondition, sent to the leader or through a follower, over
-// HTTP/1.1, where a coordinator closes a connection whose request it did
-// not read to the end: it pauses first, and the agent reads the answer
-// while it sends (else it sees the connection reset, or the follower's 502
-// and tries elsewhere). It is not a failed dump, and the dump is stopped
-// instead of compressed to the end.
-func TestRefusedUploadAnswers(t *testing.T) {
+// TestRefusedStreamsAnswer: an agent's client streams refused at their
+// first message (a lease the agent does not hold) fail at the agent with
+// the leader's FailedPrecondition, sent to the leader or through a
+// follower, over HTTP/1.1, where a coordinator closes a connection whose
+// request it did not read to the end: it pauses first, and the agent
+// reads the answer while it sends (else it sees the connection reset, or
+// the follower's 502 or a cut answer, and tries elsewhere). An upload's
+// refusal is not a failed dump, and the dump is stopped instead of
+// compressed to the end; a log's is a big resend's, as after a leader
+// change.
+func TestRefusedStreamsAnswer(t *testing.T) {
 	tc := startCluster(t, 3, withAgents)
 	_, l := tc.leader(10 * time.Second)
 	_, f := tc.follower()
 	a := registerAgent(t, l.HTTPAddr())
-	for _, node := range []struct {
+	const notOurs = 1 << 40 // a lease ID
+	streams := []struct {
 		name string
-		c    *Coordinator
-	}{{"leader", l}, {"follower", f}} {
-		t.Run(node.name, func(t *testing.T) {
-			tr := &http.Transport{} // HTTP/1.1, a connection of its own
-			t.Cleanup(tr.CloseIdleConnections)
-			client := kilnv1connect.NewAgentServiceClient(&http.Client{Transport: tr}, "http://"+node.c.HTTPAddr())
+		send func(t *testing.T, client kilnv1connect.AgentServiceClient)
+	}{
+		{"upload", func(t *testing.T, client kilnv1connect.AgentServiceClient) {
 			rng := rand.NewChaCha8([32]byte{1})
 			piece := make([]byte, 1<<20) // random: it compresses to as much
 			const pieces = 256
 			written := 0
-			_, err := agent.StreamNar(context.Background(), client, a.cred, &kilnv1.NarHeader{LeaseId: 1 << 40, StorePath: storePathFor("refused")},
+			_, err := agent.StreamNar(context.Background(), client, a.cred, &kilnv1.NarHeader{LeaseId: notOurs, StorePath: storePathFor("refused")},
 				"sha256:"+nixbase32.EncodeToString(make([]byte, 32)), pieces<<20, func(w io.Writer) error {
 					for ; written < pieces; written++ {
 						_, _ = rng.Read(piece)
@@ -196,7 +196,29 @@ func TestRefusedUploadAnswers(t *testing.T) {
 			if written == pieces {
 				t.Fatalf("the dump wrote all %d MiB after the upload was refused", pieces)
 			}
-		})
+		}},
+		{"log", func(t *testing.T, client kilnv1connect.AgentServiceClient) {
+			data := make([]byte, 64<<10)
+			chunks := make([]*kilnv1.LogChunk, 512) // 32 MiB
+			for i := range chunks {
+				chunks[i] = &kilnv1.LogChunk{LeaseId: notOurs, Seq: uint64(i), Data: data}
+			}
+			if _, err := agent.SendLog(context.Background(), client, a.cred, chunks); connect.CodeOf(err) != connect.CodeFailedPrecondition {
+				t.Fatalf("SendLog under a lease the agent does not hold: %v, want %v", err, connect.CodeFailedPrecondition)
+			}
+		}},
+	}
+	for _, node := range []struct {
+		name string
+		c    *Coordinator
+	}{{"leader", l}, {"follower", f}} {
+		for _, stream := range streams {
+			t.Run(node.name+"/"+stream.name, func(t *testing.T) {
+				tr := &http.Transport{} // HTTP/1.1, a connection of its own
+				t.Cleanup(tr.CloseIdleConnections)
+				stream.send(t, kilnv1connect.NewAgentServiceClient(&http.Client{Transport: tr}, "http://"+node.c.HTTPAddr()))
+			})
+		}
 	}
 }
 
