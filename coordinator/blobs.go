@@ -54,16 +54,15 @@ func (b *localBlobs) Put(ctx context.Context, name string, r io.Reader, limit in
 }
 
 func (b *localBlobs) PutHashed(ctx context.Context, r io.Reader, limit int64) (string, int64, error) {
-	name, n, err := b.BlobStore.PutHashed(ctx, r, limit)
-	if err != nil {
-		return "", 0, err
-	}
-	b.add(name)
-	return name, n, nil
+	return b.added(b.BlobStore.PutHashed(ctx, r, limit))
 }
 
 func (b *localBlobs) PutCopy(ctx context.Context, r io.Reader, limit int64, named func() (string, error)) (string, int64, error) {
-	name, n, err := b.BlobStore.PutCopy(ctx, r, limit, named)
+	return b.added(b.BlobStore.PutCopy(ctx, r, limit, named))
+}
+
+// added notes a blob a put stored, unless it failed.
+func (b *localBlobs) added(name string, n int64, err error) (string, int64, error) {
 	if err != nil {
 		return "", 0, err
 	}
