@@ -120,8 +120,7 @@ func TestFrameWriter(t *testing.T) {
 // its standard library's sources (text) the way agents did before
 // (klauspost's streaming encoder, which finds the matches of one block at
 // a time) and as independent frames (frameWriter, frameWorkers at once),
-// and reports
-// each one's MB/s, compressed size, and the ratios of the two.
+// and reports each one's MB/s, compressed size, and the ratios of the two.
 func BenchmarkCompressNar(b *testing.B) {
 	root := runtime.GOROOT()
 	for _, tc := range []struct{ name, dir string }{
