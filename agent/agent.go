@@ -20,6 +20,7 @@ import (
 	"connectrpc.com/connect"
 
 	"github.com/kilnci/kiln/gossip"
+	"github.com/kilnci/kiln/rpc"
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
 	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
 )
@@ -117,8 +118,7 @@ func New(cfg Config) (*Agent, error) {
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger, running: map[uint64]context.CancelCauseFunc{}, slots: make(chan struct{}, cfg.MaxJobs),
 		drain: make(chan struct{})}
-	// No client timeout: long-polls and uploads carry their own deadlines.
-	a.hc = &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 16, IdleConnTimeout: time.Minute}}
+	a.hc = rpc.NewHTTPClient(16)
 	a.setCoordinators(cfg.Coordinators)
 	a.gossipPeers.Store(&[]string{})
 	return a, nil

@@ -17,6 +17,7 @@ import (
 	"github.com/kilnci/kiln/cache"
 	"github.com/kilnci/kiln/gossip"
 	"github.com/kilnci/kiln/raftfsm"
+	"github.com/kilnci/kiln/rpc"
 	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
 )
 
@@ -92,7 +93,7 @@ func New(cfg Config) (*Coordinator, error) {
 		leaderChanged: make(chan struct{}),
 		peers:         map[string]kilnv1connect.ClusterServiceClient{},
 		httpClient:    newHTTPClient(),
-		blobClient:    &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 8, IdleConnTimeout: time.Minute}},
+		blobClient:    rpc.NewHTTPClient(8),
 	}
 	c.metrics = newMetrics(c)
 	return c, nil

@@ -27,6 +27,7 @@ import (
 	"github.com/kilnci/kiln/agent"
 	"github.com/kilnci/kiln/raftfsm"
 	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+	"github.com/kilnci/kiln/rpc"
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
 	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
 )
@@ -216,7 +217,10 @@ func TestRefusedStreamsAnswer(t *testing.T) {
 			t.Run(node.name+"/"+stream.name, func(t *testing.T) {
 				tr := &http.Transport{} // HTTP/1.1, a connection of its own
 				t.Cleanup(tr.CloseIdleConnections)
-				stream.send(t, kilnv1connect.NewAgentServiceClient(&http.Client{Transport: tr}, "http://"+c.HTTPAddr()))
+				// Under the agents' transport, which sends the streams'
+				// bodies itself.
+				hc := &http.Client{Transport: &rpc.StreamTransport{Base: tr}}
+				stream.send(t, kilnv1connect.NewAgentServiceClient(hc, "http://"+c.HTTPAddr()))
 			})
 		}
 	}
