@@ -215,9 +215,10 @@ func (fm *farm) storedLog(node *coordProc, drv string) (int, string) {
 // chroot stores build a diamond, a chain, a derivation needing a feature
 // only agent B has, and a failing derivation with a dependent, submitted
 // through a follower. Outputs land in the cache and substitute with
-// signatures required (the big one's NAR is over twice agent.FrameSize,
-// so its agent sent it as three zstd frames); the failure is status 1 and
-// its dependent 2; every step's log equals what Nix recorded.
+// signatures required (the big one's NAR is 480 bytes over nine times
+// agent.FrameSize, so its agent sent it as ten zstd frames); the failure
+// is status 1 and its dependent 2; every step's log equals what Nix
+// recorded.
 func TestAgentsBuildGraph(t *testing.T) {
 	fm := startFarm(t)
 	nx := fm.nx
