@@ -8,12 +8,12 @@ import (
 	"hash/crc32"
 	"io"
 	"math/rand/v2"
-	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
+	"runtime/trace"
 	"slices"
 	"strings"
 	"sync"
@@ -28,6 +28,7 @@ import (
 	"github.com/kilnci/kiln/agent"
 	"github.com/kilnci/kiln/cache"
 	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
+	"github.com/kilnci/kiln/rpc"
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
 	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
 )
@@ -66,8 +67,7 @@ func queueSteps(b *testing.B, c *Coordinator, n int) {
 }
 
 func benchClient(addr string) kilnv1connect.AgentServiceClient {
-	hc := &http.Client{Transport: &http.Transport{MaxIdleConnsPerHost: 2048, IdleConnTimeout: time.Minute}}
-	return kilnv1connect.NewAgentServiceClient(hc, "http://"+addr)
+	return kilnv1connect.NewAgentServiceClient(rpc.NewHTTPClient(2048), "http://"+addr)
 }
 
 // leaseBench is a 3-node loopback cluster with queued runnable steps and
@@ -257,9 +257,11 @@ func BenchmarkLeaseCycle(b *testing.B) {
 
 const benchLeaseWindow = 5 * time.Second
 
-// benchProfile writes a CPU profile of a benchmark's measured window when
-// KILN_BENCH_PROFILE names a directory (go test's -cpuprofile would cover
-// the set-up too); it returns the function that stops it.
+// benchProfile writes a CPU profile and an execution trace (go tool trace;
+// its -pprof=sched|syscall views show goroutines waiting for a P or in
+// system calls) of a benchmark's measured window when KILN_BENCH_PROFILE
+// names a directory (go test's -cpuprofile would cover the set-up too);
+// it returns the function that stops them.
 func benchProfile(b *testing.B, name string) func() {
 	dir := os.Getenv("KILN_BENCH_PROFILE")
 	if dir == "" {
@@ -270,6 +272,13 @@ func benchProfile(b *testing.B, name string) func() {
 		b.Fatal(err)
 	}
 	if err := pprof.StartCPUProfile(f); err != nil {
+		b.Fatal(err)
+	}
+	tf, err := os.Create(filepath.Join(dir, name+".trace"))
+	if err != nil {
+		b.Fatal(err)
+	}
+	if err := trace.Start(tf); err != nil {
 		b.Fatal(err)
 	}
 	write := func(profile, suffix string) {
@@ -287,6 +296,8 @@ func benchProfile(b *testing.B, name string) func() {
 	write("allocs", ".allocs0")
 	write("mutex", ".mutex0")
 	return func() {
+		trace.Stop()
+		_ = tf.Close()
 		pprof.StopCPUProfile()
 		_ = f.Close()
 		write("allocs", ".allocs1")
