@@ -623,8 +623,9 @@ func (s agentService) Complete(ctx context.Context, req *connect.Request[kilnv1.
 }
 
 // runLeaseExpiryLoop (leader only) expires leases whose agent stopped
-// heartbeating for the lease TTL. Leases the leader has not heard about
-// since it took over count from then: every lease gets a fresh TTL.
+// heartbeating for the lease TTL. A lease counts from its grant, its
+// last heartbeat, or the first time this leader sees it, whichever is
+// latest: a new leader gives every lease a fresh TTL.
 func (c *Coordinator) runLeaseExpiryLoop(ctx context.Context, live *liveness) {
 	for {
 		// While the pool reports agents gone, look often: their leases
@@ -662,12 +663,17 @@ func (c *Coordinator) runLeaseExpiryLoop(ctx context.Context, live *liveness) {
 		live.mu.Lock()
 		for _, l := range leases {
 			byID[l.Id] = l
-			last := live.since
-			if hb := live.leases[l.Id]; hb.After(last) {
-				last = hb
+			hb, known := live.leases[l.Id]
+			if !known {
+				// Granted since the last look, and its grant has not yet
+				// recorded when (grant does once its Apply returns): it
+				// starts now. Counting from the leadership start instead
+				// expired fresh leases the moment they were granted.
+				live.leases[l.Id] = now
+				continue
 			}
 			reason := fmt.Sprintf("agent %s sent no heartbeat for %v", l.AgentId, c.cfg.LeaseTTL)
-			if now.Sub(last) <= c.cfg.LeaseTTL {
+			if now.Sub(hb) <= c.cfg.LeaseTTL {
 				// A dead agent by gossip that is also silent loses its
 				// leases now, not after the TTL.
 				seen := live.since
@@ -687,6 +693,14 @@ func (c *Coordinator) runLeaseExpiryLoop(ctx context.Context, live *liveness) {
 				cmds = append(cmds, cmd)
 				ids = append(ids, l.Id)
 				reasons = append(reasons, reason)
+			}
+		}
+		// Drop the starts of leases that are gone (completed or expired
+		// between the listing and now); a lease granted meanwhile and
+		// dropped here starts again on the next look.
+		for id := range live.leases {
+			if _, ok := byID[id]; !ok {
+				delete(live.leases, id)
 			}
 		}
 		live.mu.Unlock()

@@ -318,6 +318,59 @@ func TestAgentProtocol(t *testing.T) {
 	}
 }
 
+// TestLeaseCountsFromGrant: a lease committed before the leader has
+// recorded its start (grant records it only once its Apply returns, and
+// the expiry loop may look in between) gets the full TTL from then, not
+// from the leadership start. This expired fresh leases at once: a CI run
+// of TestAgentProtocol under -race lost its re-leased step that way.
+func TestLeaseCountsFromGrant(t *testing.T) {
+	tc := startCluster(t, 3, withAgents)
+	_, l := tc.leader(5 * time.Second)
+	live := l.live()
+	if live == nil {
+		t.Fatal("the leader has no liveness state")
+	}
+	ttl := l.cfg.LeaseTTL
+	// Leadership older than a TTL: counting from its start would expire
+	// the lease on the loop's next look.
+	time.Sleep(time.Until(live.since.Add(ttl + 100*time.Millisecond)))
+
+	a := registerAgent(t, l.HTTPAddr())
+	if _, err := l.SubmitBuild(context.Background(), agentGraph()); err != nil {
+		t.Fatal(err)
+	}
+	dep := storePathFor("dep.drv")
+	cmd, err := raftfsm.NewCommand(pb.CommandType_COMMAND_TYPE_GRANT_LEASE, &pb.GrantLease{AgentId: a.id, DrvPath: dep, TtlSeconds: 1}, 0)
+	if err != nil {
+		t.Fatal(err)
+	}
+	// Committed directly, as a grant whose start is not yet recorded.
+	res, err := l.Apply(context.Background(), cmd)
+	if err != nil || res.Results[0].Err != nil {
+		t.Fatalf("grant: %v %v", err, res)
+	}
+	granted, id := time.Now(), res.Results[0].ID
+	held := func() bool {
+		s, err := l.Read().Step(dep)
+		return err == nil && s.LeaseId == id
+	}
+	// Several of the loop's looks (one every TTL/10) fall in this window.
+	for time.Since(granted) < ttl*2/3 {
+		if !held() {
+			t.Fatalf("the lease was expired %v after its grant, within its TTL of %v", time.Since(granted).Round(time.Millisecond), ttl)
+		}
+		time.Sleep(10 * time.Millisecond)
+	}
+	// Without heartbeats it does expire, and its start is forgotten.
+	tc.waitFor(10*time.Second, "the unheartbeated lease expires", func() bool { return !held() })
+	tc.waitFor(5*time.Second, "the expired lease's start is dropped", func() bool {
+		live.mu.Lock()
+		defer live.mu.Unlock()
+		_, ok := live.leases[id]
+		return !ok
+	})
+}
+
 // TestStalledBodyIsEnded: a request body (an agent's upload or log
 // stream) that stops sending is cut off after the idle timeout, over a
 // real socket, while a slow but steady one is not.
