@@ -41,6 +41,8 @@ proto:
 # bench runs the benchmarks the issues ask for; figures go in the notes.
 bench: bench-cache
 	$(GO) test -run '^$$' -bench . -benchtime $(BENCHTIME) -timeout 60m ./raftfsm ./coordinator
+	@echo "BenchmarkNarIngest again, against three real kiln coordinator processes:"
+	$(GO) test -run '^$$' -bench NarIngestProcesses -benchtime $(BENCHTIME) -timeout 10m ./e2e
 	@echo "BenchmarkState1M again, under a 1 GiB soft memory limit (what --memory-limit 1GiB sets):"
 	GOMEMLIMIT=1GiB $(GO) test -run '^$$' -bench State1M -benchtime $(BENCHTIME) -timeout 20m ./raftfsm
 

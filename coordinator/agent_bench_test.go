@@ -7,7 +7,6 @@ import (
 	"fmt"
 	"hash/crc32"
 	"io"
-	"math/rand/v2"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -27,6 +26,7 @@ import (
 
 	"github.com/kilnci/kiln/agent"
 	"github.com/kilnci/kiln/cache"
+	"github.com/kilnci/kiln/internal/benchnar"
 	pb "github.com/kilnci/kiln/raftfsm/fsmpb"
 	"github.com/kilnci/kiln/rpc"
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
@@ -375,13 +375,11 @@ func BenchmarkNarIngest(b *testing.B) {
 	stop := benchProfile(b, "ingest")
 	for round := 0; round < 3; round++ {
 		// Baseline: the zstd CLI, 2 threads, level 3.
-		t0 := time.Now()
-		cmd := exec.Command("zstd", "-3", "-T2", "-q", "-c", narFile)
-		cmd.Stdout = io.Discard
-		if err := cmd.Run(); err != nil {
+		d, err := benchnar.ZstdCLI(narFile)
+		if err != nil {
 			b.Fatal(err)
 		}
-		if d := time.Since(t0); zstdBest == 0 || d < zstdBest {
+		if zstdBest == 0 || d < zstdBest {
 			zstdBest = d
 		}
 		// Kiln: lease a step whose output this NAR is, then pack and upload.
@@ -401,7 +399,7 @@ func BenchmarkNarIngest(b *testing.B) {
 		nh := sha256.Sum256(narBytes)
 		// As the agent uploads: compressing and sending at once.
 		cpu0 := processCPU(b)
-		t0 = time.Now()
+		t0 := time.Now()
 		hdr := &kilnv1.NarHeader{LeaseId: lease.LeaseId, StorePath: out}
 		if _, err := agent.StreamNar(context.Background(), client, cred, hdr, "sha256:"+nixbase32.EncodeToString(nh[:]), uint64(len(narBytes)),
 			func(w io.Writer) error { _, err := w.Write(narBytes); return err }); err != nil {
@@ -432,24 +430,13 @@ func processCPU(b *testing.B) time.Duration {
 	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
-// ingestNar is a NAR of one file of size bytes, in 4 KiB runs alternately
-// random and repetitive: it compresses like a typical output.
+// ingestNar is benchnar.NAR: what the ingest benchmarks upload.
 func ingestNar(b *testing.B, size int) []byte {
-	data := make([]byte, size)
-	rng := rand.New(rand.NewPCG(1, 2))
-	for i := 0; i < size; i += 4096 {
-		if (i/4096)%2 == 0 {
-			for j := i; j < i+4096; j += 8 {
-				v := rng.Uint64()
-				for k := 0; k < 8; k++ {
-					data[j+k] = byte(v >> (8 * k))
-				}
-			}
-		} else {
-			copy(data[i:i+4096], bytes.Repeat([]byte("kiln nar ingest "), 256))
-		}
+	n, err := benchnar.NAR(size)
+	if err != nil {
+		b.Fatal(err)
 	}
-	return fileNar(b, data, false)
+	return n
 }
 
 // BenchmarkIngestPasses measures, one goroutine each, the passes over

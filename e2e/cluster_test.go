@@ -18,7 +18,7 @@ type coordProc struct {
 // bootstraps, the others join it), with extra(i) appended to node i's
 // arguments, and waits until every node is ready and sees n voters. Their
 // logs are dumped if the test fails.
-func startCoordinators(t *testing.T, n int, extra func(i int) []string) []*coordProc {
+func startCoordinators(t testing.TB, n int, extra func(i int) []string) []*coordProc {
 	t.Helper()
 	dir := t.TempDir()
 	tokenFile := filepath.Join(dir, "admin-token")

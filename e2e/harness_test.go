@@ -40,14 +40,14 @@ func TestMain(m *testing.M) {
 
 // freeAddr returns a loopback address with a port that was free a moment
 // ago and that no other address of this test run has.
-func freeAddr(t *testing.T) string { t.Helper(); return freeport.For(t, false) }
+func freeAddr(t testing.TB) string { t.Helper(); return freeport.For(t, false) }
 
 // freeGossipAddr is freeAddr for TCP and UDP (memberlist uses both).
-func freeGossipAddr(t *testing.T) string { t.Helper(); return freeport.For(t, true) }
+func freeGossipAddr(t testing.TB) string { t.Helper(); return freeport.For(t, true) }
 
 // proc is one running kiln process.
 type proc struct {
-	t    *testing.T
+	t    testing.TB
 	name string
 	args []string
 	cmd  *exec.Cmd
@@ -55,7 +55,7 @@ type proc struct {
 	done chan struct{}
 }
 
-func startProc(t *testing.T, name string, args ...string) *proc {
+func startProc(t testing.TB, name string, args ...string) *proc {
 	t.Helper()
 	p := &proc{t: t, name: name, args: args}
 	p.start()
@@ -121,7 +121,7 @@ func (p *proc) dumpLog() {
 }
 
 // waitFor polls cond (cheap HTTP checks) until it holds or the deadline passes.
-func waitFor(t *testing.T, timeout time.Duration, what string, cond func() bool) {
+func waitFor(t testing.TB, timeout time.Duration, what string, cond func() bool) {
 	t.Helper()
 	ctx, cancel := context.WithTimeout(context.Background(), timeout)
 	defer cancel()
