@@ -6,9 +6,7 @@ import (
 	"crypto/sha256"
 	"fmt"
 	"hash/crc32"
-	"io"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"runtime"
 	"runtime/pprof"
@@ -22,7 +20,6 @@ import (
 	"time"
 
 	"github.com/klauspost/compress/zstd"
-	"github.com/nix-community/go-nix/pkg/nixbase32"
 
 	"github.com/kilnci/kiln/agent"
 	"github.com/kilnci/kiln/cache"
@@ -356,69 +353,28 @@ func BenchmarkSubmitToLease(b *testing.B) {
 // replicate to a quorum + commit) in MB/s of NAR, next to `zstd -3 -T2` on
 // the same NAR in the same run.
 func BenchmarkNarIngest(b *testing.B) {
-	if _, err := exec.LookPath("zstd"); err != nil {
-		b.Fatal("zstd not found: make bench installs it")
-	}
-	narBytes := ingestNar(b, 64<<20)
-	dir := b.TempDir()
-	narFile := filepath.Join(dir, "bench.nar")
-	if err := os.WriteFile(narFile, narBytes, 0o600); err != nil {
-		b.Fatal(err)
-	}
-	mbps := func(d time.Duration) float64 { return float64(len(narBytes)) / (1 << 20) / d.Seconds() }
-
 	tc := startCluster(b, 3, withCacheKey(b), withAgents, func(_ int, cfg *Config) { cfg.LeaseTTL = 10 * time.Minute })
 	_, l := tc.leader(10 * time.Second)
 	client := benchClient(l.HTTPAddr())
 	cred := benchAgents(b, client, 1)[0]
-	var zstdBest, kilnBest, kilnCPU time.Duration
-	stop := benchProfile(b, "ingest")
-	for round := 0; round < 3; round++ {
-		// Baseline: the zstd CLI, 2 threads, level 3.
-		d, err := benchnar.ZstdCLI(narFile)
-		if err != nil {
-			b.Fatal(err)
-		}
-		if zstdBest == 0 || d < zstdBest {
-			zstdBest = d
-		}
-		// Kiln: lease a step whose output this NAR is, then pack and upload.
-		out := storePathFor(fmt.Sprint("ingest-", round))
-		n := &pb.DerivationNode{DrvPath: storePathFor(fmt.Sprintf("ingest-%d.drv", round)), System: "x86_64-linux", Outputs: []*pb.Output{{Name: "out", Path: out}}}
-		if _, err := l.SubmitBuild(context.Background(), &pb.SubmitBuild{Build: &pb.Build{DrvPath: n.DrvPath}, Graph: []*pb.DerivationNode{n}}); err != nil {
-			b.Fatal(err)
-		}
-		resp, err := client.Lease(context.Background(), req(&kilnv1.LeaseRequest{FreeSlots: 1, WaitSeconds: 5}, cred))
-		if err != nil || len(resp.Msg.Leases) != 1 {
-			b.Fatalf("lease: %v", err)
-		}
-		lease := resp.Msg.Leases[0]
-		narBytes[len(narBytes)-100] = byte(round) // a new NAR each round: every upload is a full ingest
-		// Nix hashed the NAR when it registered the output; an agent reads
-		// that from its store (nix-store --dump-db) and does not hash again.
-		nh := sha256.Sum256(narBytes)
-		// As the agent uploads: compressing and sending at once.
-		cpu0 := processCPU(b)
-		t0 := time.Now()
-		hdr := &kilnv1.NarHeader{LeaseId: lease.LeaseId, StorePath: out}
-		if _, err := agent.StreamNar(context.Background(), client, cred, hdr, "sha256:"+nixbase32.EncodeToString(nh[:]), uint64(len(narBytes)),
-			func(w io.Writer) error { _, err := w.Write(narBytes); return err }); err != nil {
-			b.Fatal(err)
-		}
-		if d := time.Since(t0); kilnBest == 0 || d < kilnBest {
-			kilnBest = d
-		}
-		if cpu := processCPU(b) - cpu0; kilnCPU == 0 || cpu < kilnCPU {
-			kilnCPU = cpu
-		}
-	}
-	stop()
-	b.ReportMetric(mbps(kilnBest), "kiln-MB/s")
-	// The CPU time the process (agent and all three coordinators) spent
-	// on an ingest: the least of the rounds.
-	b.ReportMetric(float64(kilnCPU.Microseconds())/1000, "kiln-cpu-ms")
-	b.ReportMetric(mbps(zstdBest), "zstd-MB/s")
-	b.ReportMetric(mbps(kilnBest)/mbps(zstdBest), "ratio")
+	benchnar.Ingest{
+		Client: client, Credential: cred,
+		// The CPU time of the process: the agent and all three coordinators.
+		CPU:     func() time.Duration { return processCPU(b) },
+		Profile: func() func() { return benchProfile(b, "ingest") },
+		Lease: func(round int) (uint64, string) {
+			out := storePathFor(fmt.Sprint("ingest-", round))
+			n := &pb.DerivationNode{DrvPath: storePathFor(fmt.Sprintf("ingest-%d.drv", round)), System: "x86_64-linux", Outputs: []*pb.Output{{Name: "out", Path: out}}}
+			if _, err := l.SubmitBuild(context.Background(), &pb.SubmitBuild{Build: &pb.Build{DrvPath: n.DrvPath}, Graph: []*pb.DerivationNode{n}}); err != nil {
+				b.Fatal(err)
+			}
+			resp, err := client.Lease(context.Background(), req(&kilnv1.LeaseRequest{FreeSlots: 1, WaitSeconds: 5}, cred))
+			if err != nil || len(resp.Msg.Leases) != 1 {
+				b.Fatalf("lease: %v", err)
+			}
+			return resp.Msg.Leases[0].LeaseId, out
+		},
+	}.Run(b)
 }
 
 // processCPU is the CPU time (user and system) this process has used.

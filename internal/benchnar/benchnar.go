@@ -1,15 +1,25 @@
-// Package benchnar makes the NAR the ingest benchmarks upload and times the zstd CLI on it.
+// Package benchnar runs the NAR-ingest benchmarks: their NAR, their zstd CLI baseline, their rounds.
 package benchnar
 
 import (
 	"bytes"
+	"context"
+	"crypto/sha256"
 	"fmt"
 	"io"
 	"math/rand/v2"
+	"os"
 	"os/exec"
+	"path/filepath"
+	"testing"
 	"time"
 
 	"github.com/nix-community/go-nix/pkg/nar"
+	"github.com/nix-community/go-nix/pkg/nixbase32"
+
+	"github.com/kilnci/kiln/agent"
+	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
+	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
 )
 
 // NAR is a NAR of one file of size bytes (a multiple of 4 KiB), in 4 KiB
@@ -61,4 +71,75 @@ func ZstdCLI(file string) (time.Duration, error) {
 		return 0, fmt.Errorf("zstd -3 -T2 %s: %w", file, err)
 	}
 	return time.Since(t0), nil
+}
+
+// Ingest is a NAR-ingest benchmark: an agent (this process, running
+// agent.StreamNar as `kiln agent` does) uploads a 64 MiB NAR to a cluster.
+type Ingest struct {
+	Client     kilnv1connect.AgentServiceClient
+	Credential string // a registered agent's
+	// Lease submits a one-step build whose output is out and leases its
+	// step as the agent; it is not timed.
+	Lease func(round int) (leaseID uint64, out string)
+	// CPU is the CPU time used so far by the agent and the cluster.
+	CPU func() time.Duration
+	// Profile, if set, starts profiling the rounds; what it returns stops.
+	Profile func() (stop func())
+}
+
+// Run times three rounds, each the zstd CLI on the NAR and then an
+// ingest (compress + upload + verify + store + replicate to a quorum +
+// commit) of a NAR new to the cluster, and reports the best of each:
+// kiln-MB/s and zstd-MB/s of NAR, their ratio, and kiln-cpu-ms (the
+// least CPU time an ingest took).
+func (in Ingest) Run(b *testing.B) {
+	if _, err := exec.LookPath("zstd"); err != nil {
+		b.Fatal("zstd not found: make bench installs it")
+	}
+	narBytes, err := NAR(64 << 20)
+	if err != nil {
+		b.Fatal(err)
+	}
+	narFile := filepath.Join(b.TempDir(), "bench.nar")
+	if err := os.WriteFile(narFile, narBytes, 0o600); err != nil {
+		b.Fatal(err)
+	}
+	mbps := func(d time.Duration) float64 { return float64(len(narBytes)) / (1 << 20) / d.Seconds() }
+	stop := func() {}
+	if in.Profile != nil {
+		stop = in.Profile()
+	}
+	var zstdBest, kilnBest, kilnCPU time.Duration
+	for round := 0; round < 3; round++ {
+		d, err := ZstdCLI(narFile)
+		if err != nil {
+			b.Fatal(err)
+		}
+		if zstdBest == 0 || d < zstdBest {
+			zstdBest = d
+		}
+		leaseID, out := in.Lease(round)
+		narBytes[len(narBytes)-100] = byte(round) // a new NAR each round: every upload is a full ingest
+		// Nix hashed the NAR when it registered the output; an agent reads
+		// that from its store (nix-store --dump-db) and does not hash again.
+		nh := sha256.Sum256(narBytes)
+		cpu0 := in.CPU()
+		t0 := time.Now()
+		hdr := &kilnv1.NarHeader{LeaseId: leaseID, StorePath: out}
+		if _, err := agent.StreamNar(context.Background(), in.Client, in.Credential, hdr, "sha256:"+nixbase32.EncodeToString(nh[:]), uint64(len(narBytes)),
+			func(w io.Writer) error { _, err := w.Write(narBytes); return err }); err != nil {
+			b.Fatal(err)
+		}
+		if d := time.Since(t0); kilnBest == 0 || d < kilnBest {
+			kilnBest = d
+		}
+		if cpu := in.CPU() - cpu0; kilnCPU == 0 || cpu < kilnCPU {
+			kilnCPU = cpu
+		}
+	}
+	stop()
+	b.ReportMetric(mbps(kilnBest), "kiln-MB/s")
+	b.ReportMetric(float64(kilnCPU.Microseconds())/1000, "kiln-cpu-ms")
+	b.ReportMetric(mbps(zstdBest), "zstd-MB/s")
+	b.ReportMetric(mbps(kilnBest)/mbps(zstdBest), "ratio")
 }
