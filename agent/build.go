@@ -24,6 +24,7 @@ import (
 	"github.com/nix-community/go-nix/pkg/nar"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
+	"github.com/kilnci/kiln/rpc"
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
 	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
 )
@@ -309,22 +310,19 @@ type counter struct{ n uint64 }
 func (c *counter) Write(p []byte) (int, error) { c.n += uint64(len(p)); return len(p), nil }
 
 // chunkSender sends each write (a compressed frame) as UploadNar chunks
-// of at most 1 MiB, straight from the writer's buffer (Send has copied a
-// message out when it returns), counting the bytes. After a failed send
-// it drops what follows and keeps the error (Err).
+// of at most rpc.MaxNarChunk, straight from the writer's buffer (Send has
+// copied a message out when it returns), counting the bytes. After a
+// failed send it drops what follows and keeps the error (Err).
 type chunkSender struct {
 	s *streamSender
 	n uint64
 }
 
-// maxNarChunk is the largest zstd chunk an upload may carry.
-const maxNarChunk = 1 << 20
-
 func (c *chunkSender) Write(p []byte) (int, error) {
 	n := len(p)
 	c.n += uint64(n)
 	for len(p) > 0 && c.s.err == nil {
-		k := min(len(p), maxNarChunk)
+		k := min(len(p), rpc.MaxNarChunk)
 		c.s.Send(&kilnv1.UploadNarRequest{Part: &kilnv1.UploadNarRequest_ZstdChunk{ZstdChunk: p[:k]}})
 		p = p[k:]
 	}

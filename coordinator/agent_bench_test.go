@@ -15,7 +15,6 @@ import (
 	"strings"
 	"sync"
 	"sync/atomic"
-	"syscall"
 	"testing"
 	"time"
 
@@ -359,8 +358,8 @@ func BenchmarkNarIngest(b *testing.B) {
 	cred := benchAgents(b, client, 1)[0]
 	benchnar.Ingest{
 		Client: client, Credential: cred,
-		// The CPU time of the process: the agent and all three coordinators.
-		CPU:     func() time.Duration { return processCPU(b) },
+		// The CPU figure is this process's: the agent and all three
+		// coordinators.
 		Profile: func() func() { return benchProfile(b, "ingest") },
 		Lease: func(round int) (uint64, string) {
 			out := storePathFor(fmt.Sprint("ingest-", round))
@@ -375,15 +374,6 @@ func BenchmarkNarIngest(b *testing.B) {
 			return resp.Msg.Leases[0].LeaseId, out
 		},
 	}.Run(b)
-}
-
-// processCPU is the CPU time (user and system) this process has used.
-func processCPU(b *testing.B) time.Duration {
-	var ru syscall.Rusage
-	if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-		b.Fatal(err)
-	}
-	return time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
 }
 
 // ingestNar is benchnar.NAR: what the ingest benchmarks upload.

@@ -530,7 +530,7 @@ func (r *narChunks) next() error {
 	}
 	switch part := r.stream.Msg().Part.(type) {
 	case *kilnv1.UploadNarRequest_ZstdChunk:
-		if len(part.ZstdChunk) > 1<<20 {
+		if len(part.ZstdChunk) > rpc.MaxNarChunk {
 			return fmt.Errorf("%w: chunk over 1 MiB", raftfsm.ErrTooLarge)
 		}
 		r.buf = part.ZstdChunk

@@ -7,11 +7,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
-	"strconv"
-	"strings"
-	"syscall"
 	"testing"
-	"time"
 
 	"connectrpc.com/connect"
 
@@ -53,19 +49,13 @@ func BenchmarkNarIngestProcesses(b *testing.B) {
 		b.Fatal(err)
 	}
 	cred := regResp.Msg.Credential
+	var pids []int
+	for _, n := range nodes {
+		pids = append(pids, n.cmd.Process.Pid)
+	}
 	benchnar.Ingest{
 		Client: client, Credential: cred,
-		CPU: func() time.Duration {
-			var ru syscall.Rusage
-			if err := syscall.Getrusage(syscall.RUSAGE_SELF, &ru); err != nil {
-				b.Fatal(err)
-			}
-			total := time.Duration(ru.Utime.Nano() + ru.Stime.Nano())
-			for _, n := range nodes {
-				total += procCPU(b, n.cmd.Process.Pid)
-			}
-			return total
-		},
+		Processes: pids,
 		Lease: func(round int) (uint64, string) {
 			drv, out := storePath(fmt.Sprintf("ingest-%d.drv", round)), storePath(fmt.Sprint("ingest-", round))
 			build := map[string]any{"drv_path": drv, "project": "bench", "jobset": "ingest", "job": fmt.Sprint("round", round),
@@ -82,29 +72,4 @@ func BenchmarkNarIngestProcesses(b *testing.B) {
 			return resp.Msg.Leases[0].LeaseId, out
 		},
 	}.Run(b)
-}
-
-// procCPU is the CPU time (user and system, all threads) process pid has
-// used, from /proc/pid/stat in clock ticks (USER_HZ, 100 on Linux).
-func procCPU(b *testing.B, pid int) time.Duration {
-	raw, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		b.Fatal(err)
-	}
-	// The command name, in parentheses, may hold spaces: fields count
-	// from after its closing one (utime and stime are fields 14 and 15).
-	s := string(raw)
-	fields := strings.Fields(s[strings.LastIndexByte(s, ')')+1:])
-	if len(fields) < 13 {
-		b.Fatalf("/proc/%d/stat: %q", pid, s)
-	}
-	var ticks int64
-	for _, f := range fields[11:13] {
-		n, err := strconv.ParseInt(f, 10, 64)
-		if err != nil {
-			b.Fatalf("/proc/%d/stat: %v", pid, err)
-		}
-		ticks += n
-	}
-	return time.Duration(ticks) * (time.Second / 100)
 }

@@ -48,8 +48,12 @@ func (t *StreamTransport) RoundTrip(req *http.Request) (*http.Response, error) {
 // bytes.
 type streamedBody struct{ io.ReadCloser }
 
-// streamedBodyBuffer holds an upload chunk (1 MiB) and its envelope.
-const streamedBodyBuffer = 1<<20 + 64<<10
+// MaxNarChunk is the largest zstd chunk an UploadNar message may carry:
+// agents send no larger, and coordinators refuse larger.
+const MaxNarChunk = 1 << 20
+
+// streamedBodyBuffer holds an upload chunk and its envelope.
+const streamedBodyBuffer = MaxNarChunk + 64<<10
 
 var streamedBodyBuffers = sync.Pool{New: func() any { b := make([]byte, streamedBodyBuffer); return &b }}
 

@@ -3,7 +3,9 @@ package benchnar
 import (
 	"bytes"
 	"io"
+	"os"
 	"testing"
+	"time"
 
 	"github.com/klauspost/compress/zstd"
 	"github.com/nix-community/go-nix/pkg/nar"
@@ -46,5 +48,29 @@ func TestNAR(t *testing.T) {
 		if tc.size >= 1<<20 && (ratio < 0.4 || ratio > 0.6) {
 			t.Errorf("NAR(%d) compresses to %.2f of its size, want about half", tc.size, ratio)
 		}
+	}
+}
+
+func TestProcCPU(t *testing.T) {
+	// Burn CPU until /proc shows this process some ticks.
+	var sum uint64
+	deadline := time.Now().Add(10 * time.Second)
+	for {
+		for i := range 1 << 20 {
+			sum += uint64(i) * 2654435761
+		}
+		d, err := procCPU(os.Getpid())
+		if err != nil {
+			t.Fatal(err)
+		}
+		if d > 0 {
+			break
+		}
+		if time.Now().After(deadline) {
+			t.Fatalf("no CPU time in /proc/self/stat after 10 s of work (%d)", sum)
+		}
+	}
+	if _, err := procCPU(1 << 30); err == nil {
+		t.Error("procCPU of a process that does not exist: no error")
 	}
 }
