@@ -20,6 +20,7 @@ import (
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 	"google.golang.org/protobuf/testing/protocmp"
 
+	"github.com/kilnci/kiln/rpc"
 	kilnv1 "github.com/kilnci/kiln/rpc/gen/kiln/v1"
 	"github.com/kilnci/kiln/rpc/gen/kiln/v1/kilnv1connect"
 )
@@ -132,10 +133,10 @@ func TestSendOutputDumpsAgainForTheNextCoordinator(t *testing.T) {
 	if len(second.body) <= 2<<20 {
 		t.Errorf("the upload is %d bytes: the test wants several chunks", len(second.body))
 	}
-	// A coordinator refuses a chunk over 1 MiB.
+	// A coordinator refuses a chunk over rpc.MaxNarChunk.
 	for i, got := range f.got {
-		if big := slices.IndexFunc(got.chunks, func(n int) bool { return n > 1<<20 || n == 0 }); big >= 0 {
-			t.Errorf("upload %d: chunk %d is %d bytes: chunks are 1 to 1 MiB (all: %v)", i, big, got.chunks[big], got.chunks)
+		if big := slices.IndexFunc(got.chunks, func(n int) bool { return n > rpc.MaxNarChunk || n == 0 }); big >= 0 {
+			t.Errorf("upload %d: chunk %d is %d bytes: chunks are 1 to %d bytes (all: %v)", i, big, got.chunks[big], rpc.MaxNarChunk, got.chunks)
 		}
 	}
 	if !bytes.Equal(first.body, second.body) {

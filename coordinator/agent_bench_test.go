@@ -386,15 +386,6 @@ func BenchmarkNarIngest(b *testing.B) {
 	}.Run(b)
 }
 
-// ingestNar is benchnar.NAR: what the ingest benchmarks upload.
-func ingestNar(b *testing.B, size int) []byte {
-	n, err := benchnar.NAR(size)
-	if err != nil {
-		b.Fatal(err)
-	}
-	return n
-}
-
 // BenchmarkIngestPasses measures, one goroutine each, the passes over
 // BenchmarkNarIngest's NAR that an upload costs in CPU: zstd with the
 // agent's options (agent.NarEncoderOptions; and at the default level, with
@@ -405,7 +396,10 @@ func ingestNar(b *testing.B, size int) []byte {
 // bounds an ingest on this machine, next to the zstd CLI's compression
 // alone.
 func BenchmarkIngestPasses(b *testing.B) {
-	n := ingestNar(b, 64<<20)
+	n, err := benchnar.NAR(64 << 20)
+	if err != nil {
+		b.Fatal(err)
+	}
 	var compress, compressDefault, narHash, fileHash, crc, check time.Duration
 	var zst, zstDefault bytes.Buffer
 	pack := func(buf *bytes.Buffer, level zstd.EncoderLevel) time.Duration {

@@ -15,10 +15,10 @@ import (
 	"time"
 
 	"github.com/klauspost/compress/zstd"
-	"github.com/nix-community/go-nix/pkg/nar"
 	"github.com/nix-community/go-nix/pkg/nixbase32"
 
 	"github.com/kilnci/kiln/cache"
+	"github.com/kilnci/kiln/internal/benchnar"
 	"github.com/kilnci/kiln/raftfsm"
 )
 
@@ -39,21 +39,11 @@ func storePathFor(name string) string {
 // fileNar is the NAR of one regular file holding content.
 func fileNar(tb testing.TB, content []byte, executable bool) []byte {
 	tb.Helper()
-	var b bytes.Buffer
-	nw, err := nar.NewWriter(&b)
+	b, err := benchnar.FileNAR(content, executable)
 	if err != nil {
 		tb.Fatal(err)
 	}
-	if err := nw.WriteHeader(&nar.Header{Path: "/", Type: nar.TypeRegular, Size: int64(len(content)), Executable: executable}); err != nil {
-		tb.Fatal(err)
-	}
-	if _, err := nw.Write(content); err != nil {
-		tb.Fatal(err)
-	}
-	if err := nw.Close(); err != nil {
-		tb.Fatal(err)
-	}
-	return b.Bytes()
+	return b
 }
 
 // makeNar builds a one-file NAR for name, compresses it and writes the

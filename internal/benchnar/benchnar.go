@@ -47,15 +47,20 @@ func NAR(size int) ([]byte, error) {
 			copy(data[i:i+4096], run)
 		}
 	}
+	return FileNAR(data, false)
+}
+
+// FileNAR is the NAR of one regular file holding content.
+func FileNAR(content []byte, executable bool) ([]byte, error) {
 	var b bytes.Buffer
 	nw, err := nar.NewWriter(&b)
 	if err != nil {
 		return nil, err
 	}
-	if err := nw.WriteHeader(&nar.Header{Path: "/", Type: nar.TypeRegular, Size: int64(size)}); err != nil {
+	if err := nw.WriteHeader(&nar.Header{Path: "/", Type: nar.TypeRegular, Size: int64(len(content)), Executable: executable}); err != nil {
 		return nil, err
 	}
-	if _, err := nw.Write(data); err != nil {
+	if _, err := nw.Write(content); err != nil {
 		return nil, err
 	}
 	if err := nw.Close(); err != nil {
