@@ -5,19 +5,29 @@ import (
 	"context"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"io"
 	"math/rand/v2"
 	"os"
+	"path/filepath"
+	"syscall"
 	"testing"
 	"testing/iotest"
 )
 
 // TestBlobWriter: blobs of sizes around the alignment and the block come
-// out whole, at their size, directly or through the page cache, whatever
-// pieces they are read in; the hash sees every byte once.
+// out whole, at their size, directly (through an io_uring where the kernel
+// has one) or through the page cache, whatever pieces they are read in;
+// the hash sees every byte once.
 func TestBlobWriter(t *testing.T) {
+	ring, err := newURing(blobQueue)
+	if err == nil {
+		ring.close()
+	} else {
+		t.Logf("direct writes without io_uring: %v", err)
+	}
 	rng := rand.New(rand.NewPCG(7, 8))
-	for _, size := range []int{0, 1, directAlign - 1, directAlign, directAlign + 1, blobBlock - 1, blobBlock, blobBlock + 1, 3*blobBlock + 12345} {
+	for _, size := range []int{0, 1, directAlign - 1, directAlign, directAlign + 1, blobBlock - 1, blobBlock, blobBlock + 1, 3*blobBlock + 12345, 2*blobQueue*blobBlock + 123} {
 		data := make([]byte, size)
 		for i := range data {
 			data[i] = byte(rng.Uint32())
@@ -44,6 +54,10 @@ func TestBlobWriter(t *testing.T) {
 				if err == nil {
 					err = w.finish()
 				}
+				// Past its first block a direct blob is queued, where it can be.
+				if queued := w.ring != nil; ring != nil && w.direct && size > 2*blobBlock && !queued {
+					t.Errorf("size %d: written directly without the io_uring", size)
+				}
 				w.release()
 				if err != nil || n != int64(size) {
 					t.Fatalf("size %d direct %v (was %v): %d bytes, %v", size, direct, w.direct, n, err)
@@ -67,6 +81,38 @@ func TestBlobWriter(t *testing.T) {
 	}
 	defer f.Close()
 	t.Logf("O_DIRECT in %s: %v", os.TempDir(), setDirect(f, true) == nil)
+}
+
+// TestBlobWriterQueuedFailure: a queued write that fails (here, to a file
+// open only for reading) fails the blob with the system's error, and the
+// writer gives its buffers back.
+func TestBlobWriterQueuedFailure(t *testing.T) {
+	ring, err := newURing(blobQueue)
+	if err != nil {
+		t.Skipf("no io_uring: %v", err)
+	}
+	path := filepath.Join(t.TempDir(), "blob")
+	if err := os.WriteFile(path, nil, 0o600); err != nil {
+		t.Fatal(err)
+	}
+	f, err := os.Open(path)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer f.Close()
+	w := newBlobWriter(f, nil)
+	w.ring, w.tried = ring, true // as after a first block written directly
+	_, err = w.ReadFrom(bytes.NewReader(make([]byte, 3*blobBlock)))
+	if err == nil {
+		err = w.finish()
+	}
+	w.release()
+	if !errors.Is(err, syscall.EBADF) {
+		t.Fatalf("a blob whose queued writes fail: %v, want EBADF", err)
+	}
+	if w.raws != nil || w.ring != nil {
+		t.Fatal("release kept the buffers or the ring")
+	}
 }
 
 // TestPutCopy: a copy over the limit is refused whole, and a copy stores
