@@ -110,7 +110,9 @@ func (w *blobWriter) flush() error {
 		w.n = 0
 		return w.write(w.blocks[w.cur])
 	}
-	if err := w.ring.write(int(w.f.Fd()), w.blocks[w.cur], w.size+w.queued(), w.cur); err != nil {
+	// Every write still pending is a whole block, after what is written.
+	at := w.size + int64(w.ring.pending)*blobBlock
+	if err := w.ring.write(int(w.f.Fd()), w.blocks[w.cur], at, w.cur); err != nil {
 		return err
 	}
 	w.busy[w.cur] = true
@@ -130,17 +132,6 @@ func (w *blobWriter) flush() error {
 			return err
 		}
 	}
-}
-
-// queued is how many bytes are queued and not yet written.
-func (w *blobWriter) queued() int64 {
-	var n int64
-	for i := range w.blocks {
-		if w.busy[i] {
-			n += blobBlock
-		}
-	}
-	return n
 }
 
 // reap takes the queued writes that are done (with wait, at least one).
